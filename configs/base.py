@@ -1,0 +1,68 @@
+"""The one place every named config starts from: nanochat's d20 recipe, parameterised by depth.
+
+A named config (`configs/d20.py`, `configs/tiny.py`, ...) calls `base_config(depth)` and changes
+only what differs. Fields left as placeholders (None) are derived at use: model width, heads and
+KV heads from depth, as nanochat does (dim = 64 * depth, heads = ceil(dim / head_dim)).
+"""
+from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
+
+
+def base_config(depth: int) -> ConfigDict:
+    c = ConfigDict()
+    c.name = f"d{depth}"
+    c.seed = 42
+
+    c.model = ConfigDict()
+    c.model.depth = depth
+    c.model.dim = placeholder(int)          # None -> 64 * depth
+    c.model.head_dim = 128
+    c.model.n_head = placeholder(int)       # None -> ceil(dim / head_dim)
+    c.model.n_kv_head = placeholder(int)    # None -> n_head (GQA off, as in nanochat)
+    c.model.vocab_size = 65536
+    c.model.sequence_len = 2048
+    c.model.rope_base = 10000.0
+    c.model.softcap = 15.0
+    c.model.compute_dtype = "auto"          # auto: bfloat16 on GPU/TPU, float32 on CPU
+    c.model.attention = "auto"              # auto | xla | cudnn
+    c.model.remat = "none"                  # none | dots | full: rematerialisation of each block
+    c.model.loss_chunk = 8192               # tokens per logits chunk in the loss (0: no chunking)
+
+    c.train = ConfigDict()
+    c.train.device_batch_size = 32          # sequences per device per micro-batch
+    c.train.total_batch_size = 524288       # tokens per optimizer step (2**19)
+    c.train.num_iterations = -1             # horizon, first of these that is set wins:
+    c.train.target_flops = -1.0             #   ... total training FLOPs
+    c.train.target_param_data_ratio = 20.0  #   ... tokens = ratio * params (Chinchilla)
+    c.train.embedding_lr = 0.2
+    c.train.unembedding_lr = 0.004
+    c.train.matrix_lr = 0.02
+    c.train.weight_decay = 0.0
+    c.train.adam_b1 = 0.8
+    c.train.adam_b2 = 0.95
+    c.train.adam_eps = 1e-10
+    c.train.muon_momentum = 0.95
+    c.train.muon_momentum_start = 0.85
+    c.train.muon_momentum_warmup_steps = 300
+    c.train.muon_ns_steps = 5
+    c.train.init_lr_frac = 1.0
+    c.train.warmup_ratio = 0.0
+    c.train.warmdown_ratio = 0.2
+    c.train.final_lr_frac = 0.0
+    c.train.grad_clip = 0.0                 # global-norm clip; 0 disables (nanochat's never acted)
+
+    c.mesh = ConfigDict()
+    c.mesh.data = 1                         # pure data parallelism (params replicated)
+    c.mesh.fsdp = -1                        # -1: every device not used by the other axes
+    c.mesh.tensor = 1
+    # logical axis -> mesh axes ("a,b" for several, "" for replicated). Parameters are laid out
+    # FSDP-style: their model dim is split over `fsdp`; activations over the batch axes.
+    c.mesh.rules = ConfigDict()
+    c.mesh.rules.batch = "data,fsdp"
+    c.mesh.rules.embed = "fsdp"
+    c.mesh.rules.vocab = "tensor"
+    c.mesh.rules.heads = "tensor"
+    c.mesh.rules.mlp = "tensor"
+    c.mesh.rules.act_embed = ""
+    c.mesh.rules.act_seq = ""
+    return c

@@ -1,0 +1,20 @@
+"""tiny: a CPU demo model that trains in seconds per step on 2 cores and still writes English.
+
+Four layers of width 256 with 64-wide heads (4 heads), a 4,096-token vocabulary and 256-token
+context; 16 x 256 = 4,096 tokens per step, no gradient accumulation on one device.
+"""
+from configs.base import base_config
+
+
+def get_config():
+    c = base_config(4)
+    c.name = "tiny"
+    c.model.head_dim = 64
+    c.model.vocab_size = 4096
+    c.model.sequence_len = 256
+    c.model.loss_chunk = 0
+    c.train.device_batch_size = 16
+    c.train.total_batch_size = 4096
+    c.train.num_iterations = 300
+    c.train.muon_momentum_warmup_steps = 50
+    return c

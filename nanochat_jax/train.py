@@ -1,0 +1,127 @@
+"""The training step: one jitted pure function (params, opt_state, batch) -> (params, opt_state, metrics).
+
+A batch is (inputs, targets), each (accum_steps, global_micro_batch, seq). The step scans over the
+micro-batches, averages their gradients (each micro-batch's loss is its mean over valid tokens,
+as in nanochat), applies the optimizer, and donates the old parameters and optimizer state so
+their memory is reused. Base, mid and SFT training all drive this same step.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from nanochat_jax import model as model_lib
+from nanochat_jax import optim, sharding
+
+
+def grad_accum_steps(train_cfg, sequence_len: int, batch_shards: int) -> int:
+    """Micro-batches per step so that each step sees `total_batch_size` tokens."""
+    per_micro = train_cfg.device_batch_size * sequence_len * batch_shards
+    if train_cfg.total_batch_size % per_micro:
+        raise ValueError(
+            f"total_batch_size {train_cfg.total_batch_size} is not a multiple of device_batch_size "
+            f"{train_cfg.device_batch_size} x sequence_len {sequence_len} x {batch_shards} batch shards = {per_micro}")
+    return train_cfg.total_batch_size // per_micro
+
+
+def horizon(train_cfg, n_params: int, flops_per_token: int) -> int:
+    """Number of optimizer steps: num_iterations, else target FLOPs, else the param:data ratio."""
+    t = train_cfg
+    if t.num_iterations > 0:
+        return int(t.num_iterations)
+    if t.target_flops > 0:
+        return max(1, round(t.target_flops / (flops_per_token * t.total_batch_size)))
+    if t.target_param_data_ratio > 0:
+        return max(1, int(t.target_param_data_ratio * n_params // t.total_batch_size))
+    raise ValueError("set one of train.num_iterations, train.target_flops, train.target_param_data_ratio")
+
+
+@dataclasses.dataclass
+class Training:
+    """Everything a loop needs: the model's graphdef, placements, the optimizer and the step."""
+    model_cfg: model_lib.GPTConfig
+    graphdef: object
+    mesh: jax.sharding.Mesh
+    rules: dict
+    tx: optax.GradientTransformation
+    param_shardings: object
+    opt_shardings: object
+    batch_sharding: NamedSharding
+    batch_shape: tuple[int, int, int]  # (accum_steps, global micro-batch, seq) of inputs and targets
+    num_iterations: int
+    step: object  # jitted (params, opt_state, (inputs, targets)) -> (params, opt_state, metrics)
+
+    def init(self, key):
+        """Fresh parameters and optimizer state, created directly in their shardings."""
+        params = model_lib.init_params(self.model_cfg, key, self.param_shardings)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
+        return params, opt_state
+
+    def place_batch(self, inputs, targets):
+        """Put a global (accum, batch, seq) host batch on the mesh (each process keeps its part)."""
+        return (sharding.put_global_batch(inputs, self.batch_sharding),
+                sharding.put_global_batch(targets, self.batch_sharding))
+
+
+def optimizer_shardings(tx, param_shapes, param_shardings, mesh):
+    """Optimizer state laid out like the parameters it tracks; scalars (counts) replicated.
+
+    A state leaf tracks a parameter when its tree path ends with that parameter's path (optax
+    nests moments as `...mu['blocks'][0]...`) and the shapes agree.
+    """
+    by_path = {jax.tree_util.keystr(path): (shape.shape, sh) for (path, shape), sh in zip(
+        jax.tree_util.tree_leaves_with_path(param_shapes), jax.tree.leaves(param_shardings))}
+    replicated = NamedSharding(mesh, P())
+
+    def place(path, leaf):
+        key = jax.tree_util.keystr(path)
+        for param_key, (shape, sh) in by_path.items():
+            if key.endswith(param_key) and leaf.shape == shape:
+                return sh
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(place, jax.eval_shape(tx.init, param_shapes))
+
+
+def build_training(cfg, mesh=None, num_iterations: int | None = None) -> Training:
+    model_cfg = model_lib.GPTConfig.from_config(cfg.model)
+    mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
+    rules = sharding.parse_rules(cfg.mesh.rules)
+    graphdef, shapes, logical = model_lib.abstract_model(model_cfg)
+    param_shardings = sharding.named_shardings(logical, shapes, mesh, rules)
+    if num_iterations is None:
+        num_iterations = horizon(cfg.train, model_lib.num_params(model_cfg), model_lib.flops_per_token(model_cfg))
+    tx = optim.build_optimizer(cfg.train, model_cfg.dim, num_iterations)
+    opt_shardings = optimizer_shardings(tx, shapes, param_shardings, mesh)
+    shards = sharding.batch_shards(mesh, rules)
+    accum = grad_accum_steps(cfg.train, model_cfg.sequence_len, shards)
+    batch_sharding = sharding.batch_sharding(mesh, rules, ndim=3, batch_dim=1)
+    step = make_train_step(graphdef, tx, mesh, rules, param_shardings, opt_shardings, batch_sharding)
+    batch_shape = (accum, cfg.train.device_batch_size * shards, model_cfg.sequence_len)
+    return Training(model_cfg, graphdef, mesh, rules, tx, param_shardings, opt_shardings, batch_sharding,
+                    batch_shape, num_iterations, step)
+
+
+def make_train_step(graphdef, tx, mesh, rules, param_shardings, opt_shardings, batch_sharding):
+    def step(params, opt_state, batch):
+        with sharding.activation_rules(mesh, rules):
+            loss_and_grad = jax.value_and_grad(lambda p, x, y: model_lib.loss_fn(graphdef, p, x, y))
+
+            def micro_step(carry, xy):
+                loss_sum, grad_sum = carry
+                loss, grads = loss_and_grad(params, *xy)
+                return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (loss_sum, grad_sum), _ = jax.lax.scan(micro_step, (jnp.zeros([], jnp.float32), zeros), batch)
+            accum = batch[0].shape[0]
+            grads = jax.tree.map(lambda g: g / accum, grad_sum)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+        metrics = {"loss": loss_sum / accum, "grad_norm": optax.global_norm(grads)}
+        return params, opt_state, metrics
+
+    return jax.jit(step, in_shardings=(param_shardings, opt_shardings, (batch_sharding, batch_sharding)),
+                   out_shardings=(param_shardings, opt_shardings, None), donate_argnums=(0, 1))
