@@ -26,7 +26,7 @@ def base_config(depth: int) -> ConfigDict:
     c.model.compute_dtype = "auto"          # auto: bfloat16 on GPU/TPU, float32 on CPU
     c.model.attention = "auto"              # auto | xla | cudnn
     c.model.remat = "none"                  # none | dots | full: rematerialisation of each block
-    c.model.loss_chunk = 8192               # tokens per logits chunk in the loss (0: no chunking)
+    c.model.loss_chunk = 256                # sequence positions per logits chunk in the loss (0: none)
 
     c.train = ConfigDict()
     c.train.device_batch_size = 32          # sequences per device per micro-batch
@@ -65,4 +65,6 @@ def base_config(depth: int) -> ConfigDict:
     c.mesh.rules.mlp = "tensor"
     c.mesh.rules.act_embed = ""
     c.mesh.rules.act_seq = ""
+    c.mesh.rules.act_heads = "tensor"
+    c.mesh.rules.act_mlp = "tensor"
     return c

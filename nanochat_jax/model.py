@@ -19,6 +19,8 @@ from nanochat_jax import attention as attn_lib
 from nanochat_jax.sharding import constrain
 
 ACT = ("batch", "act_seq", "act_embed")
+ACT_HEADS = ("batch", "act_seq", "act_heads", None)
+ACT_MLP = ("batch", "act_seq", "act_mlp")
 REMAT_POLICIES = {
     "none": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -128,9 +130,9 @@ class CausalSelfAttention(nnx.Module):
 
     def __call__(self, x, cos, sin):
         cfg, (batch, seq, _) = self.cfg, x.shape
-        q = self.c_q(x).reshape(batch, seq, cfg.n_head, cfg.head_dim)
-        k = self.c_k(x).reshape(batch, seq, cfg.n_kv_head, cfg.head_dim)
-        v = self.c_v(x).reshape(batch, seq, cfg.n_kv_head, cfg.head_dim)
+        q = constrain(self.c_q(x).reshape(batch, seq, cfg.n_head, cfg.head_dim), ACT_HEADS)
+        k = constrain(self.c_k(x).reshape(batch, seq, cfg.n_kv_head, cfg.head_dim), ACT_HEADS)
+        v = constrain(self.c_v(x).reshape(batch, seq, cfg.n_kv_head, cfg.head_dim), ACT_HEADS)
         q = rms_norm(apply_rotary(q, cos, sin))
         k = rms_norm(apply_rotary(k, cos, sin))
         y = attn_lib.attention(q, k, v, backend=cfg.attention, causal=True)
@@ -143,7 +145,7 @@ class MLP(nnx.Module):
         self.c_proj = Linear(4 * cfg.dim, cfg.dim, ("mlp", "embed"), rngs=rngs, zero_init=True)
 
     def __call__(self, x):
-        return self.c_proj(jnp.square(jax.nn.relu(self.c_fc(x))))
+        return self.c_proj(constrain(jnp.square(jax.nn.relu(self.c_fc(x))), ACT_MLP))
 
 
 class Block(nnx.Module):

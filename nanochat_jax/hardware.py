@@ -1,0 +1,54 @@
+"""What the devices can do: peak bf16 matmul throughput by device kind, and memory in use.
+
+MFU divides achieved model FLOP/s by the dense (no sparsity) bf16 peak of the devices. CPUs have
+no meaningful peak here, so MFU is None on CPU.
+"""
+import resource
+import sys
+
+import jax
+
+# (substring of jax's device_kind, dense bf16 FLOP/s). First match wins: specific names first.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("H800", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5", 459e12),
+    ("TPU v6 lite", 918e12),
+)
+
+
+def peak_flops(device=None) -> float | None:
+    """Dense bf16 peak of one device, or None where unknown (CPU, unlisted GPUs)."""
+    device = jax.devices()[0] if device is None else device
+    if device.platform == "cpu":
+        return None
+    for name, flops in PEAK_BF16_FLOPS:
+        if name in device.device_kind:
+            return flops
+    return None
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, num_devices: int, device=None) -> float | None:
+    peak = peak_flops(device)
+    return None if peak is None else flops_per_token * tokens_per_s / (peak * num_devices)
+
+
+def peak_memory_bytes() -> int | None:
+    """Peak bytes in use on the most loaded local device; on CPU, the process's peak RSS."""
+    stats = [d.memory_stats() for d in jax.local_devices()]
+    peaks = [s["peak_bytes_in_use"] for s in stats if s and "peak_bytes_in_use" in s]
+    if peaks:
+        return max(peaks)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
