@@ -4,7 +4,7 @@ A named config (`configs/d20.py`, `configs/tiny.py`, ...) calls `base_config(dep
 only what differs. Fields left as placeholders (None) are derived at use: model width, heads and
 KV heads from depth, as nanochat does (dim = 64 * depth, heads = ceil(dim / head_dim)).
 """
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, FieldReference
 from ml_collections.config_dict import placeholder
 
 
@@ -13,13 +13,25 @@ def base_config(depth: int) -> ConfigDict:
     c.name = f"d{depth}"
     c.seed = 42
 
+    vocab_size = FieldReference(65536)  # one value: the tokenizer's vocabulary is the model's
+
+    c.data = ConfigDict()
+    c.data.dir = ""                         # "" = $NANOCHAT_BASE_DIR/base_data, "demo" = bundled corpus
+    c.data.val_shard = "shard_01822.parquet"  # the last FineWeb-Edu shard, always the val split
+
+    c.tokenizer = ConfigDict()
+    c.tokenizer.vocab_size = vocab_size
+    c.tokenizer.doc_cap = 10000             # characters kept per document
+    c.tokenizer.max_chars = 2_000_000_000   # stop reading after this many characters
+    c.tokenizer.max_sentences = 20_000_000  # SentencePiece keeps a uniform sample of at most this many lines
+
     c.model = ConfigDict()
     c.model.depth = depth
     c.model.dim = placeholder(int)          # None -> 64 * depth
     c.model.head_dim = 128
     c.model.n_head = placeholder(int)       # None -> ceil(dim / head_dim)
     c.model.n_kv_head = placeholder(int)    # None -> n_head (GQA off, as in nanochat)
-    c.model.vocab_size = 65536
+    c.model.vocab_size = vocab_size
     c.model.sequence_len = 2048
     c.model.rope_base = 10000.0
     c.model.softcap = 15.0

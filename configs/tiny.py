@@ -10,7 +10,10 @@ def get_config():
     c = base_config(4)
     c.name = "tiny"
     c.model.head_dim = 64
-    c.model.vocab_size = 4096
+    c.model.vocab_size = 4096  # and the tokenizer's
+    c.data.dir = "demo"
+    c.data.val_shard = "shard_00008.parquet"
+    c.tokenizer.max_chars = 100_000_000
     c.model.sequence_len = 256
     c.model.loss_chunk = 0
     c.train.device_batch_size = 16

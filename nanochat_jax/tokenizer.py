@@ -1,0 +1,166 @@
+"""Byte-level BPE tokenizer: SentencePiece training, encoding, decoding and per-token byte counts.
+
+The trained model is a SentencePiece BPE with byte fallback (every UTF-8 text round-trips
+exactly), digits split one by one, no text normalisation, and nanochat's nine special tokens as
+*control* symbols at fixed ids 1..9 (id 0 is SentencePiece's unused `<unk>`). Control symbols are
+never matched in text, so a user typing `<|assistant_end|>` gets plain-text tokens, not the
+control token; only `encode_special` yields special ids.
+"""
+import io
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+SPECIAL_TOKENS = (
+    "<|bos|>",
+    "<|user_start|>", "<|user_end|>",
+    "<|assistant_start|>", "<|assistant_end|>",
+    "<|python_start|>", "<|python_end|>",
+    "<|output_start|>", "<|output_end|>",
+)
+SPECIAL_IDS = {name: 1 + i for i, name in enumerate(SPECIAL_TOKENS)}
+SPACE_META = "\u2581"  # SentencePiece's stand-in for a space; a literal one in text must be escaped
+MODEL_FILE, TOKEN_BYTES_FILE = "tokenizer.model", "token_bytes.npy"
+
+
+def train_tokenizer(sentences: Iterable[str], vocab_size: int, *, num_threads: int = 0,
+                    input_sentence_size: int = 0, max_sentence_length: int = 16384) -> "Tokenizer":
+    """Train on an iterable of sentences (lines of documents; no newlines inside one).
+
+    `input_sentence_size` > 0 makes SentencePiece keep a uniform sample of that many sentences,
+    which bounds memory on large corpora. Training sees at most `max_sentence_length` bytes per
+    sentence; callers should cut longer lines (see `split_for_training`).
+    """
+    if vocab_size < 256 + len(SPECIAL_TOKENS) + 2:
+        raise ValueError(f"vocab_size {vocab_size} leaves no room beyond 256 bytes and {len(SPECIAL_TOKENS)} specials")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, character_coverage=0.9999, split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True, max_sentence_length=max_sentence_length,
+        unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, control_symbols=list(SPECIAL_TOKENS),
+        input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+        num_threads=num_threads or os.cpu_count(), train_extremely_large_corpus=vocab_size > 32768,
+        minloglevel=2,
+    )
+    return Tokenizer(model.getvalue())
+
+
+def split_for_training(text: str, max_len: int = 4096) -> Iterable[str]:
+    """A document as SentencePiece training sentences: its non-empty lines, long ones cut."""
+    for line in text.split("\n"):
+        for start in range(0, len(line), max_len):
+            yield line[start:start + max_len]
+
+
+class Tokenizer:
+    def __init__(self, model_proto: bytes):
+        self.model_proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        for name, expected in SPECIAL_IDS.items():
+            if self.sp.piece_to_id(name) != expected or not self.sp.is_control(expected):
+                raise ValueError(f"not a nanochat-jax tokenizer: {name} is not control id {expected}")
+        self._space_meta_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_META.encode()]
+
+    # ---- files ------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, directory) -> "Tokenizer":
+        path = Path(directory) / MODEL_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"no tokenizer at {path}; train one with `python -m launch.tok_train`")
+        return cls(path.read_bytes())
+
+    def save(self, directory) -> None:
+        """Write the model and its token_bytes (for bits per byte), each atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, write in ((MODEL_FILE, lambda f: f.write(self.model_proto)),
+                            (TOKEN_BYTES_FILE, lambda f: np.save(f, self.token_bytes()))):
+            tmp = directory / (name + ".tmp")
+            with open(tmp, "wb") as f:
+                write(f)
+            os.replace(tmp, directory / name)
+
+    # ---- vocabulary -------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def bos_id(self) -> int:
+        return SPECIAL_IDS["<|bos|>"]
+
+    def encode_special(self, name: str) -> int:
+        if name not in SPECIAL_IDS:
+            raise KeyError(f"unknown special token {name!r}; known: {', '.join(SPECIAL_TOKENS)}")
+        return SPECIAL_IDS[name]
+
+    def is_special(self, token_id: int) -> bool:
+        return self.sp.is_control(token_id) or self.sp.is_unknown(token_id)
+
+    def id_to_bytes(self, token_id: int) -> bytes:
+        """The raw bytes a token stands for (b'' for special tokens)."""
+        if self.is_special(token_id):
+            return b""
+        piece = self.sp.id_to_piece(token_id)
+        if self.sp.is_byte(token_id):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace(SPACE_META, " ").encode("utf-8")
+
+    def token_bytes(self) -> np.ndarray:
+        """int32 (vocab,) byte length of each token, 0 for specials: bits-per-byte's denominator."""
+        return np.array([len(self.id_to_bytes(i)) for i in range(self.vocab_size)], dtype=np.int32)
+
+    # ---- encoding ---------------------------------------------------------------------------
+    def _encode_one(self, text: str) -> list[int]:
+        if SPACE_META not in text:
+            return self.sp.encode(text)
+        ids = []
+        for i, part in enumerate(text.split(SPACE_META)):
+            if i:
+                ids += self._space_meta_ids
+            ids += self.sp.encode(part)
+        return ids
+
+    def encode(self, text, prepend=None, append=None, num_threads: int = 0):
+        """Plain-text encoding of a str (-> ids) or a list of str (-> list of ids, in threads).
+
+        `prepend`/`append` take an id or a special-token name and are added to every row.
+        """
+        pre = [] if prepend is None else [self._as_id(prepend)]
+        post = [] if append is None else [self._as_id(append)]
+        if isinstance(text, str):
+            return pre + self._encode_one(text) + post
+        texts = list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("encode takes a str or a list of str")
+        plain = [i for i, t in enumerate(texts) if SPACE_META not in t]
+        rows = [None] * len(texts)
+        encoded = self.sp.encode([texts[i] for i in plain], num_threads=num_threads or os.cpu_count())
+        for i, ids in zip(plain, encoded):
+            rows[i] = ids
+        for i, t in enumerate(texts):
+            if rows[i] is None:
+                rows[i] = self._encode_one(t)
+        return [pre + ids + post for ids in rows]
+
+    def _as_id(self, token) -> int:
+        return self.encode_special(token) if isinstance(token, str) else int(token)
+
+    def decode(self, ids) -> str:
+        """Text of a token sequence; special tokens appear as their names."""
+        ids = [int(i) for i in ids]
+        out, run = [], []
+        for token_id in ids:
+            if self.is_special(token_id):
+                out.append(self.sp.decode(run))
+                out.append(self.sp.id_to_piece(token_id) if self.sp.is_control(token_id) else "")
+                run = []
+            else:
+                run.append(token_id)
+        out.append(self.sp.decode(run))
+        return "".join(out)
