@@ -4,8 +4,9 @@
     python -m launch.tok_train --config=d20         # FineWeb-Edu shards, 65,536 tokens
 
 Documents are cut to `tokenizer.doc_cap` characters and reading stops after
-`tokenizer.max_chars`. SentencePiece holds its training lines in memory, so at most
-`tokenizer.max_sentences` lines are kept (a uniform sample, said when it happens). Writes
+`tokenizer.max_chars`; documents go to SentencePiece as pieces of at most 4,096 characters.
+SentencePiece holds its training pieces in memory, so at most `tokenizer.max_sentences` are kept
+(a uniform sample, said when it happens; 0 keeps all). Writes
 `tokenizer.model` and `token_bytes.npy` under $NANOCHAT_BASE_DIR/tokenizer; the last line is JSON.
 """
 import json
@@ -22,10 +23,11 @@ from nanochat_jax.data.shards import iter_documents, shards_for_split
 from nanochat_jax.tokenizer import split_for_training, train_tokenizer
 
 
-def training_sentences(shards, doc_cap: int, max_chars: int, stats: dict):
-    """Lines of the train documents until `max_chars` characters have been read, with a progress bar."""
+def training_sentences(docs, max_chars: int, stats: dict):
+    """Training pieces of `docs` until `max_chars` characters have been read, with a progress bar.
+    Counts documents, characters and pieces into `stats` as it goes."""
     with tqdm(total=max_chars, unit="char", unit_scale=True, desc="reading", file=sys.stderr) as bar:
-        for doc in iter_documents(shards, doc_cap):
+        for doc in docs:
             stats["documents"] += 1
             stats["chars"] += len(doc)
             bar.update(len(doc))
@@ -41,14 +43,16 @@ def main(argv=None):
     t = cfg.tokenizer
     shards = shards_for_split(cfg.data, "train")
     print(f"training a {t.vocab_size:,}-token BPE on {len(shards)} train shards (doc_cap {t.doc_cap:,}, "
-          f"max_chars {t.max_chars:,}, at most {t.max_sentences:,} lines kept)", flush=True)
+          f"max_chars {t.max_chars:,}, at most {t.max_sentences:,} pieces kept, 0 = all)", flush=True)
     stats = {"documents": 0, "chars": 0, "sentences": 0}
     start = time.perf_counter()
-    tokenizer = train_tokenizer(training_sentences(shards, t.doc_cap, t.max_chars, stats), t.vocab_size,
+    docs = iter_documents(shards, t.doc_cap)
+    tokenizer = train_tokenizer(training_sentences(docs, t.max_chars, stats), t.vocab_size,
                                 input_sentence_size=t.max_sentences)
     train_time = time.perf_counter() - start
-    if stats["sentences"] > t.max_sentences:
-        print(f"sampled {t.max_sentences:,} of {stats['sentences']:,} lines to bound memory "
+    sampled = min(stats["sentences"], t.max_sentences or stats["sentences"])
+    if sampled < stats["sentences"]:
+        print(f"sampled {sampled:,} of {stats['sentences']:,} pieces to bound memory "
               f"(raise tokenizer.max_sentences to use more)", flush=True)
     out_dir = paths.tokenizer_dir()
     tokenizer.save(out_dir)
@@ -60,7 +64,7 @@ def main(argv=None):
         "documents": stats["documents"],
         "chars": stats["chars"],
         "sentences": stats["sentences"],
-        "sampled_sentences": min(stats["sentences"], t.max_sentences),
+        "sampled_sentences": sampled,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "token_bytes_min": int(regular.min()),
         "token_bytes_max": int(regular.max()),

@@ -93,8 +93,12 @@ def test_save_load_and_errors(tok, tmp_path):
         train_tokenizer(["a b c"], 100)
 
 
-def test_split_for_training_cuts_lines():
-    assert list(split_for_training("ab\n\ncdefg", max_len=2)) == ["ab", "cd", "ef", "g"]
+def test_split_for_training_cuts_after_newlines():
+    assert list(split_for_training("ab\n\ncdefg", max_len=3)) == ["ab\n", "\ncd", "efg"]
+    assert list(split_for_training("")) == []
+    text = random_text(random.Random(2), 5000)
+    pieces = list(split_for_training(text, max_len=100))
+    assert "".join(pieces) == text and max(map(len, pieces)) <= 100
 
 
 def test_tok_train_launcher(tmp_path, monkeypatch, capsys):
