@@ -23,8 +23,8 @@ def base_config(depth: int) -> ConfigDict:
     c.tokenizer.vocab_size = vocab_size
     c.tokenizer.doc_cap = 10000             # characters kept per document
     c.tokenizer.max_chars = 2_000_000_000   # stop reading after this many characters
-    c.tokenizer.max_sentences = 2_000_000   # SentencePiece keeps a uniform sample of at most this many
-                                            # <=4096-char pieces (~8B chars; memory grows with it)
+    c.tokenizer.max_sentences = -1          # SentencePiece keeps a uniform sample of at most this many
+                                            # 4096-char pieces; -1: as many as fit in half the RAM
 
     c.model = ConfigDict()
     c.model.depth = depth

@@ -20,7 +20,7 @@ from launch.tok_eval import load_tiktoken
 from launch.tok_train import training_sentences
 from nanochat_jax.config import config_from_args
 from nanochat_jax.data.shards import iter_documents, shards_for_split
-from nanochat_jax.tokenizer import train_tokenizer
+from nanochat_jax.tokenizer import max_training_pieces, train_tokenizer
 
 
 def add_arguments(parser):
@@ -40,16 +40,17 @@ def throughput(encode_batch, docs, nbytes: int) -> tuple[float, int]:
 def main(argv=None):
     cfg, args = config_from_args(argv, description=__doc__, add_arguments=add_arguments)
     t = cfg.tokenizer
+    max_pieces = max_training_pieces() if t.max_sentences < 0 else t.max_sentences
     train_docs = list(iter_documents(shards_for_split(cfg.data, "train"), t.doc_cap))
     docs = itertools.chain.from_iterable(itertools.repeat(train_docs, args.repeat))
     stats = {"documents": 0, "chars": 0, "sentences": 0}
     start = time.perf_counter()
     tok = train_tokenizer(training_sentences(docs, t.max_chars, stats), t.vocab_size, num_threads=args.threads,
-                          input_sentence_size=t.max_sentences)
+                          input_sentence_size=max_pieces)
     train_time = time.perf_counter() - start
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"trained {tok.vocab_size:,} tokens on {stats['chars'] / 1e6:.1f}M chars "
-          f"({stats['sentences']:,} pieces, at most {t.max_sentences:,} kept, 0 = all) in {train_time:.1f}s, "
+          f"({stats['sentences']:,} pieces, at most {max_pieces:,} kept, 0 = all) in {train_time:.1f}s, "
           f"peak RSS {peak_rss / 2**30:.2f} GiB", flush=True)
 
     val_docs = list(iter_documents(shards_for_split(cfg.data, "val")))
@@ -60,7 +61,7 @@ def main(argv=None):
                                        val_docs, nbytes)
     result = {
         "vocab_size": tok.vocab_size, "train_chars": stats["chars"], "train_pieces": stats["sentences"],
-        "max_sentences": t.max_sentences, "train_time_s": round(train_time, 2), "peak_rss_bytes": peak_rss,
+        "max_sentences": max_pieces, "train_time_s": round(train_time, 2), "peak_rss_bytes": peak_rss,
         "encode_bytes": nbytes, "threads": args.threads,
         "encode_mb_per_s": {"ours": round(ours_mbs, 2), "gpt4": round(gpt4_mbs, 2)},
         "bytes_per_token": {"ours": round(nbytes / ours_tokens, 4), "gpt4": round(nbytes / gpt4_tokens, 4)},

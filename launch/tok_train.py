@@ -6,7 +6,7 @@
 Documents are cut to `tokenizer.doc_cap` characters and reading stops after
 `tokenizer.max_chars`; documents go to SentencePiece as pieces of at most 4,096 characters.
 SentencePiece holds its training pieces in memory, so at most `tokenizer.max_sentences` are kept
-(a uniform sample, said when it happens; 0 keeps all). Writes
+(a uniform sample, said when it happens; -1 sizes it to half the RAM, 0 keeps all). Writes
 `tokenizer.model` and `token_bytes.npy` under $NANOCHAT_BASE_DIR/tokenizer; the last line is JSON.
 """
 import json
@@ -20,7 +20,7 @@ from tqdm import tqdm
 from nanochat_jax import paths, report
 from nanochat_jax.config import config_from_args
 from nanochat_jax.data.shards import iter_documents, shards_for_split
-from nanochat_jax.tokenizer import split_for_training, train_tokenizer
+from nanochat_jax.tokenizer import max_training_pieces, split_for_training, train_tokenizer
 
 
 def training_sentences(docs, max_chars: int, stats: dict):
@@ -41,16 +41,17 @@ def training_sentences(docs, max_chars: int, stats: dict):
 def main(argv=None):
     cfg, _ = config_from_args(argv, description=__doc__)
     t = cfg.tokenizer
+    max_pieces = max_training_pieces() if t.max_sentences < 0 else t.max_sentences
     shards = shards_for_split(cfg.data, "train")
     print(f"training a {t.vocab_size:,}-token BPE on {len(shards)} train shards (doc_cap {t.doc_cap:,}, "
-          f"max_chars {t.max_chars:,}, at most {t.max_sentences:,} pieces kept, 0 = all)", flush=True)
+          f"max_chars {t.max_chars:,}, at most {max_pieces:,} pieces kept, 0 = all)", flush=True)
     stats = {"documents": 0, "chars": 0, "sentences": 0}
     start = time.perf_counter()
     docs = iter_documents(shards, t.doc_cap)
     tokenizer = train_tokenizer(training_sentences(docs, t.max_chars, stats), t.vocab_size,
-                                input_sentence_size=t.max_sentences)
+                                input_sentence_size=max_pieces)
     train_time = time.perf_counter() - start
-    sampled = min(stats["sentences"], t.max_sentences or stats["sentences"])
+    sampled = min(stats["sentences"], max_pieces or stats["sentences"])
     if sampled < stats["sentences"]:
         print(f"sampled {sampled:,} of {stats['sentences']:,} pieces to bound memory "
               f"(raise tokenizer.max_sentences to use more)", flush=True)

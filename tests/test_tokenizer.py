@@ -110,3 +110,10 @@ def test_tok_train_launcher(tmp_path, monkeypatch, capsys):
     assert (paths.tokenizer_dir() / "tokenizer.model").exists()
     assert (tmp_path / "report" / "tokenizer-training.md").exists()
     assert Tokenizer.load(paths.tokenizer_dir()).vocab_size == 600
+
+
+def test_training_memory_bound():
+    from nanochat_jax.tokenizer import max_training_pieces
+    assert max_training_pieces(24 * 2**30) * 4096 < 1.0e9  # a 24 GiB machine trains on <1B chars
+    assert max_training_pieces(2 * 2**40) * 4096 > 50e9    # a 2 TiB GPU node on all of 2B
+    assert max_training_pieces(1) == 1
