@@ -49,7 +49,7 @@ def main(argv=None):
     start = time.perf_counter()
     docs = iter_documents(shards, t.doc_cap)
     tokenizer = train_tokenizer(training_sentences(docs, t.max_chars, stats), t.vocab_size,
-                                input_sentence_size=max_pieces)
+                                input_sentence_size=max_pieces, verbose=True)
     train_time = time.perf_counter() - start
     sampled = min(stats["sentences"], max_pieces or stats["sentences"])
     if sampled < stats["sentences"]:

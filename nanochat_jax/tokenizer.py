@@ -27,12 +27,14 @@ MODEL_FILE, TOKEN_BYTES_FILE = "tokenizer.model", "token_bytes.npy"
 
 
 def train_tokenizer(sentences: Iterable[str], vocab_size: int, *, num_threads: int = 0,
-                    input_sentence_size: int = 0, max_sentence_length: int = 16384) -> "Tokenizer":
+                    input_sentence_size: int = 0, max_sentence_length: int = 16384,
+                    verbose: bool = False) -> "Tokenizer":
     """Train on an iterable of sentences (pieces of documents, see `split_for_training`).
 
     `input_sentence_size` > 0 makes SentencePiece keep a uniform sample of that many sentences,
     which bounds memory on large corpora. Training sees at most `max_sentence_length` bytes per
-    sentence; `split_for_training` keeps pieces within that.
+    sentence; `split_for_training` keeps pieces within that. `verbose` lets SentencePiece log its
+    progress to stderr (a line per 100 merges), the only progress it can show: it holds the GIL.
     """
     if vocab_size < 256 + len(SPECIAL_TOKENS) + 2:
         raise ValueError(f"vocab_size {vocab_size} leaves no room beyond 256 bytes and {len(SPECIAL_TOKENS)} specials")
@@ -45,7 +47,7 @@ def train_tokenizer(sentences: Iterable[str], vocab_size: int, *, num_threads: i
         unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, control_symbols=list(SPECIAL_TOKENS),
         input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
         num_threads=num_threads or os.cpu_count(), train_extremely_large_corpus=vocab_size > 32768,
-        minloglevel=2,
+        minloglevel=0 if verbose else 2,
     )
     return Tokenizer(model.getvalue())
 

@@ -117,3 +117,12 @@ def test_training_memory_bound():
     assert max_training_pieces(24 * 2**30) * 4096 < 1.0e9  # a 24 GiB machine trains on <1B chars
     assert max_training_pieces(2 * 2**40) * 4096 > 50e9    # a 2 TiB GPU node on all of 2B
     assert max_training_pieces(1) == 1
+
+
+def test_decoding_any_ids_never_fails(tok):
+    """Sampled ids can split a UTF-8 character across byte tokens: decode must still return text."""
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        text = tok.decode(rng.integers(0, tok.vocab_size, size=rng.integers(1, 40)).tolist())
+        assert isinstance(text, str)
+    assert tok.decode([tok.sp.piece_to_id("<0xE2>")]) == "\ufffd"  # half a character
