@@ -77,7 +77,7 @@ def apply_override(cfg: ConfigDict, path: str, text: str) -> None:
 def config_from_args(argv: list[str] | None = None, *, description: str = "",
                      add_arguments=None) -> tuple[ConfigDict, argparse.Namespace]:
     """Parse `--config=<name>`, its overrides and a launcher's own flags (via `add_arguments`)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny", help=f"one of: {', '.join(available_configs())}")
     if add_arguments is not None:
         add_arguments(parser)
