@@ -18,6 +18,7 @@ def base_config(depth: int) -> ConfigDict:
     c.data = ConfigDict()
     c.data.dir = ""                         # "" = $NANOCHAT_BASE_DIR/base_data, "demo" = bundled corpus
     c.data.val_shard = "shard_01822.parquet"  # the last FineWeb-Edu shard, always the val split
+    c.data.num_workers = 4                  # tokenizer processes of the pretraining pipeline (0: in-process)
 
     c.tokenizer = ConfigDict()
     c.tokenizer.vocab_size = vocab_size
@@ -63,6 +64,12 @@ def base_config(depth: int) -> ConfigDict:
     c.train.warmdown_ratio = 0.2
     c.train.final_lr_frac = 0.0
     c.train.grad_clip = 0.0                 # global-norm clip; 0 disables (nanochat's never acted)
+    c.train.eval_every = 250                # val bits-per-byte every this many steps (and at the end)
+    c.train.eval_tokens = 20 * 524288       # ... over this many val tokens, always the same ones
+    c.train.sample_every = 2000             # greedy samples of the fixed prompts (0: never)
+    c.train.checkpoint_every = 1000         # steps between checkpoints (also at the end and on SIGTERM)
+    c.train.checkpoint_keep = 3             # most recent checkpoints kept
+    c.train.wandb_project = ""              # log to Weights & Biases when set (needs `pip install wandb`)
 
     c.mesh = ConfigDict()
     c.mesh.data = 1                         # pure data parallelism (params replicated)

@@ -13,6 +13,7 @@ def get_config():
     c.model.vocab_size = 4096  # and the tokenizer's
     c.data.dir = "demo"
     c.data.val_shard = "shard_00008.parquet"
+    c.data.num_workers = 0                  # 2 cores: SentencePiece already uses both
     c.tokenizer.max_chars = 100_000_000
     c.model.sequence_len = 256
     c.model.loss_chunk = 0
@@ -20,4 +21,8 @@ def get_config():
     c.train.total_batch_size = 4096
     c.train.num_iterations = 300
     c.train.muon_momentum_warmup_steps = 50
+    c.train.eval_every = 50
+    c.train.eval_tokens = 20 * 4096
+    c.train.sample_every = 100
+    c.train.checkpoint_every = 50
     return c
