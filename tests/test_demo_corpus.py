@@ -21,4 +21,4 @@ def test_bundled_corpus_layout():
     assert len(train) == 8 and val.name == "shard_00008.parquet"
     lengths = np.array([len(d) for d in iter_documents(shards)])
     assert 16_000_000 < lengths.sum() < 17_100_000
-    assert np.median(lengths) < 800 and np.percentile(lengths, 99.9) <= 800  # a rare unbreakable line is longer
+    assert np.median(lengths) < 800 and np.mean(lengths > 800) < 0.01  # a rare unbreakable line is longer

@@ -133,7 +133,7 @@ def test_deterministic_and_different_per_process_and_seed(corpus, tok):
 @pytest.mark.parametrize("count", [2, 3, 5])
 def test_process_shares_are_disjoint_and_complete(corpus, tok, count):
     """Per epoch the processes' shares partition the documents (12 row groups over 5 processes:
-    uneven shares); a one-row-group split (the bundled val) is cut into document slices."""
+    uneven shares); a split with fewer row groups than processes (the bundled val) is cut into document slices."""
     for shards in (corpus, [DEMO_DIR / "shard_00008.parquet"]):
         streams = [RowGroupStream(shards, tok.model_proto, process_index=p, process_count=count, seed=0,
                                   shuffle=True, threads=1) for p in range(count)]
@@ -152,7 +152,8 @@ def test_process_shares_are_disjoint_and_complete(corpus, tok, count):
 
 def test_a_process_without_documents_is_an_error(tok):
     with pytest.raises(ValueError, match="no documents"):
-        PretrainLoader([DEMO_DIR / "shard_00008.parquet"], tok, T, ROWS, process_index=150, process_count=200)
+        # 3 row groups of at most 1,024 documents, cut into 3,334 slices each: the last slice is empty
+        PretrainLoader([DEMO_DIR / "shard_00008.parquet"], tok, T, ROWS, process_index=9999, process_count=10000)
 
 
 def _check_restore(corpus, tok, num_workers):
@@ -199,4 +200,6 @@ def test_pretrain_loader_of_a_config(tok):
     val = pretrain_loader(cfg, tok, "val", rows=2, num_workers=0, buffer_docs=10)
     batch = next(val)
     assert batch.shape == (2, cfg.model.sequence_len + 1) and (batch[:, 0] == tok.bos_id).all()
-    assert not val.loop and val.get_state()["epoch"] == 1  # val's one row group is read: the pass is done
+    assert not val.loop
+    batches = 1 + sum(1 for _ in val)  # one pass over the val shard, then StopIteration
+    assert 100 < batches < 5000 and next(val, None) is None

@@ -5,7 +5,7 @@ Row groups are the unit of work. They are numbered over all shards in order; eac
 permuted by a permutation of (seed, epoch), the same in every process (or kept in order with
 `shuffle=False`, as val is), and process p of P reads positions p, p+P, p+2P, ... of that order,
 so the processes' shares are disjoint and together cover every row group once per epoch. With
-fewer row groups than processes (the bundled corpus has one val row group) each row group is cut
+fewer row groups than processes (the bundled val shard has three) each row group is cut
 into interleaved document slices, so every process still gets a share.
 
 The unit stream is a pure function of its position and grain returns units in order whatever the
