@@ -5,7 +5,9 @@ timestamp, then `- key: value` lines (floats to 4 decimals, large ints with sepa
 markdown given as a string, so re-running a stage replaces its section.
 """
 import datetime
+import os
 import re
+from pathlib import Path
 
 from nanochat_jax import paths
 
@@ -43,3 +45,72 @@ def log(section: str, *items) -> None:
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines))
     tmp.replace(path)
+
+
+SECTION_ORDER = (
+    "tokenizer-training", "tokenizer-evaluation", "base-model-training", "base-model-loss",
+    "base-model-evaluation", "midtraining", "chat-evaluation-mid", "chat-sft", "chat-evaluation-sft",
+    "chat-rl", "chat-evaluation-rl",
+)
+HEADER = "header.md"
+
+
+def _git(*args) -> str:
+    import subprocess
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _bloat(root: Path) -> dict:
+    files = [p for p in root.rglob("*") if p.suffix in (".py", ".md", ".toml", ".html")
+             and ".venv" not in p.parts and ".git" not in p.parts]
+    text = [p.read_text(errors="replace") for p in files]
+    chars = sum(map(len, text))
+    return {"characters": chars, "lines": sum(t.count("\n") for t in text), "files": len(files),
+            "tokens (approx)": chars // 4}
+
+
+def reset() -> None:
+    """Start a new report: remove old sections and write the header (machine, code, start time)."""
+    import platform
+    import jax
+    for path in report_dir().glob("*.md"):
+        path.unlink()
+    devices = jax.devices()
+    lines = [
+        "# nanochat-jax training report", "",
+        f"Run started: {datetime.datetime.now():%Y-%m-%d %H:%M:%S}", "",
+        "## Environment", "",
+        f"- git commit: {_git('rev-parse', '--short', 'HEAD') or 'unknown'}"
+        f"{' (dirty)' if _git('status', '--porcelain') else ''}",
+        f"- platform: {platform.platform()}, {os.cpu_count()} CPUs",
+        f"- devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()})",
+        f"- python {platform.python_version()}, jax {jax.__version__}", "",
+        "## Bloat", "",
+    ]
+    lines += [f"- {key}: {format_value(value)}" for key, value in _bloat(Path(__file__).parent.parent).items()]
+    (report_dir() / HEADER).write_text("\n".join(lines) + "\n")
+
+
+def generate(copy_to: Path | None = None) -> Path:
+    """Join the header and every stage's section, in pipeline order, into report.md."""
+    directory = report_dir()
+    parts = [(directory / HEADER).read_text()] if (directory / HEADER).exists() else []
+    known = [directory / f"{name}.md" for name in SECTION_ORDER]
+    extra = sorted(p for p in directory.glob("*.md") if p not in known and p.name not in (HEADER, "report.md"))
+    parts += [p.read_text() for p in known + extra if p.exists()]
+    started = re.search(r"Run started: (.+)", parts[0]) if parts else None
+    stamps = re.findall(r"^timestamp: (.+)$", "\n".join(parts), flags=re.M)
+    if started and stamps:
+        fmt = "%Y-%m-%d %H:%M:%S"
+        elapsed = datetime.datetime.strptime(max(stamps), fmt) - datetime.datetime.strptime(started.group(1), fmt)
+        minutes = int(elapsed.total_seconds() // 60)
+        parts.append(f"Total wall clock time: {minutes // 60}h{minutes % 60}m\n")
+    out = directory / "report.md"
+    out.write_text("\n".join(parts))
+    if copy_to is not None:
+        (Path(copy_to) / "report.md").write_text(out.read_text())
+    return out

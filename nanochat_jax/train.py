@@ -59,6 +59,35 @@ class Training:
         opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
         return params, opt_state
 
+    def abstract_state(self):
+        """Shapes, dtypes and shardings of (params, opt_state): restore targets for checkpoints."""
+        params = jax.eval_shape(lambda: model_lib.init_params(self.model_cfg, jax.random.key(0)))
+        opt_state = jax.eval_shape(self.tx.init, params)
+        attach = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+        return (jax.tree.map(attach, params, self.param_shardings),
+                jax.tree.map(attach, opt_state, self.opt_shardings))
+
+    def place_rows(self, rows):
+        """This process's (accum * local micro rows, seq + 1) token rows -> placed (inputs, targets).
+
+        Each process passes only the rows it read; together they form the global batch."""
+        accum, micro, seq = self.batch_shape
+        local = rows.reshape(accum, -1, seq + 1)
+        global_shape = (accum, micro, seq)
+        return (sharding.put_local_batch(local[..., :-1], self.batch_sharding, global_shape),
+                sharding.put_local_batch(local[..., 1:], self.batch_sharding, global_shape))
+
+    @property
+    def micro_sharding(self) -> NamedSharding:
+        """Sharding of one (batch, seq) micro-batch, as evaluation feeds them."""
+        return sharding.batch_sharding(self.mesh, self.rules, ndim=2, batch_dim=0)
+
+    @property
+    def local_rows(self) -> int:
+        """Rows of seq + 1 tokens this process reads per optimizer step."""
+        accum, micro, _ = self.batch_shape
+        return accum * micro // jax.process_count()
+
     def place_batch(self, inputs, targets):
         """Put a global (accum, batch, seq) host batch on the mesh (each process keeps its part)."""
         return (sharding.put_global_batch(inputs, self.batch_sharding),

@@ -2,11 +2,21 @@
 past a corrupt newest checkpoint, and loading weights for inference on another sharding."""
 import dataclasses
 import gc
+import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
@@ -59,23 +69,24 @@ def training(cfg):
 
 @pytest.fixture(scope="module")
 def states(training):
-    """Two different (params, opt_state): freshly initialised, and after one step (so the optimizer
-    state holds nonzero moments and counts)."""
+    """Two different (params, opt_state): freshly initialised, and after two steps (the first moves
+    only the zero-initialised LM head), so every moment and count is nonzero."""
     fresh = training.init(jax.random.key(0))
-    params, opt_state, _ = training.step(*training.init(jax.random.key(0)), batch(training, 0))
+    params, opt_state = training.init(jax.random.key(0))
+    for i in range(2):
+        params, opt_state, _ = training.step(params, opt_state, batch(training, i))
     return fresh, (params, opt_state)
 
 
-def meta_for(training, **extra):
-    return {"val_bpb": np.float32(1.25), "wall_time_s": 12.5, "model": dataclasses.asdict(training.model_cfg), **extra}
+def meta_for(training):
+    return {"val_bpb": np.float32(1.25), "wall_time_s": 12.5, "model": dataclasses.asdict(training.model_cfg)}
 
 
-def save_states(directory, training, cfg, states, **kw):
-    """Steps 1 and 2 hold the fresh and the stepped state."""
-    with ckpt.Checkpointer(directory, every=1, **kw) as ck:
+def save_states(directory, training, cfg, states):
+    """Steps 1 and 2 hold the two states."""
+    with ckpt.Checkpointer(directory, every=1) as ck:
         for step, (params, opt_state) in enumerate(states, start=1):
             assert ck.save(step, params, opt_state, {"shard": step, "row": 7}, cfg, meta_for(training))
-    return directory
 
 
 def assert_same_tree(actual, expected):
@@ -104,8 +115,7 @@ def test_round_trip_is_exact_on_eight_devices(tmp_path, cfg, training, states):
     assert len(params["wte"].sharding.device_set) == 8 and not params["wte"].sharding.is_fully_replicated
     with ckpt.Checkpointer(tmp_path, every=1) as ck:
         assert ck.save(5, params, opt_state, {"shard": 3, "row": 17}, cfg, meta_for(training))
-        ck.wait()
-        params_target, opt_target = ckpt.training_targets(training)
+        params_target, opt_target = training.abstract_state()
         out = ck.restore(params_target=params_target, opt_target=opt_target)
     assert out["step"] == 5
     assert list(out["params"]["blocks"]) == [0, 1]  # int keys, not "0", "1"
@@ -121,14 +131,14 @@ def test_training_resumes_identically(tmp_path, cfg, training):
     with ckpt.Checkpointer(tmp_path, every=2) as ck:
         for i in range(1, 6):
             params, opt_state, _ = training.step(params, opt_state, batch(training, i))
-            ck.save(i, params, opt_state, {"next_batch": i + 1}, cfg, {})  # steps 2 and 4; then donated
+            ck.save(i, params, opt_state, {"next_batch": i + 1}, cfg, {})  # saves 2 and 4, then donates them
         losses = []
         for i in range(6, 9):
             params, opt_state, metrics = training.step(params, opt_state, batch(training, i))
             losses.append(float(metrics["loss"]))
         ck.wait()
         assert ck.all_steps() == [2, 4]
-        params_target, opt_target = ckpt.training_targets(training)
+        params_target, opt_target = training.abstract_state()
         out = ck.restore(params_target=params_target, opt_target=opt_target)
     assert out["step"] == 4 and out["data"] == {"next_batch": 5}
     params, opt_state = out["params"], out["opt_state"]
@@ -141,7 +151,7 @@ def test_training_resumes_identically(tmp_path, cfg, training):
 
 
 def tiny_state():
-    return {"w": jax.numpy.arange(4.0)}, {"count": jax.numpy.zeros([], jax.numpy.int32)}
+    return {"w": jnp.arange(4.0)}, {"count": jnp.zeros([], jnp.int32)}
 
 
 def test_interval_retention_and_forced_saves(tmp_path):
@@ -154,6 +164,9 @@ def test_interval_retention_and_forced_saves(tmp_path):
         ck.wait()
         assert ck.all_steps() == [9, 10] and ck.latest_step() == 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["10", "9"]
+    with ckpt.Checkpointer(tmp_path / "final_only", every=None) as ck:
+        assert not any(ck.save(step, params, opt_state, {}, {}, {}) for step in range(1, 4))
+        assert ck.save(3, params, opt_state, {}, {}, {}, force=True) and ck.all_steps() == [3]
 
 
 def test_unfinished_save_is_not_listed_and_is_cleaned_up(tmp_path):
@@ -181,11 +194,16 @@ def delete_optimizer_arrays(step_dir):
 
 
 def flip_bytes(step_dir):
-    """Silent corruption: decodes fine, only the checksums notice."""
     for path in array_files(step_dir, "params"):
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0x10
         path.write_bytes(bytes(data))
+
+
+def mix_up_params(step_dir):
+    """A valid item of another step (say, a bad copy): readable, only the checksums notice."""
+    shutil.rmtree(step_dir / "params")
+    shutil.copytree(step_dir.parent / "1" / "params", step_dir / "params")
 
 
 def delete_metadata(step_dir):
@@ -197,14 +215,15 @@ def truncate_json(step_dir):
     path.write_text(path.read_text()[:5])
 
 
-@pytest.mark.parametrize("corrupt", [truncate_arrays, delete_optimizer_arrays, flip_bytes, delete_metadata,
-                                     truncate_json])
-def test_corrupt_latest_falls_back_to_previous(tmp_path, cfg, training, states, corrupt):
+@pytest.mark.parametrize("corrupt, reason", [(truncate_arrays, ""), (delete_optimizer_arrays, ""), (flip_bytes, ""),
+                                             (mix_up_params, "params: .* do not match their checksums"),
+                                             (delete_metadata, ""), (truncate_json, "")])
+def test_corrupt_latest_falls_back_to_previous(tmp_path, cfg, training, states, corrupt, reason):
     save_states(tmp_path, training, cfg, states)
     corrupt(tmp_path / "2")
-    params_target, opt_target = ckpt.training_targets(training)
+    params_target, opt_target = training.abstract_state()
     with ckpt.Checkpointer(tmp_path, every=1) as ck:
-        with pytest.warns(ckpt.CorruptCheckpointWarning, match=r"checkpoint step 2 in .* is corrupt"):
+        with pytest.warns(ckpt.CorruptCheckpointWarning, match=rf"checkpoint step 2 in .* is corrupt.*{reason}"):
             out = ck.restore(params_target=params_target, opt_target=opt_target)
         assert out["step"] == 1 and out["data"] == {"shard": 1, "row": 7}
         assert_same_tree(out["params"], states[0][0])
@@ -215,7 +234,7 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, cfg, training, states, 
 
 
 def test_no_usable_checkpoint_is_a_clear_error(tmp_path, cfg, training, states):
-    params_target, opt_target = ckpt.training_targets(training)
+    params_target, opt_target = training.abstract_state()
     with ckpt.Checkpointer(tmp_path / "empty") as ck, pytest.raises(ckpt.CheckpointError, match="no checkpoints in"):
         ck.restore(params_target=params_target, opt_target=opt_target)
 
@@ -249,7 +268,7 @@ def test_load_params_on_one_device_without_optimizer_state(tmp_path, cfg, traini
 def test_eight_device_checkpoint_resumes_on_one_device(tmp_path, cfg, training, states):
     save_states(tmp_path, training, cfg, states)
     single = build_training(cfg, mesh=sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
-    params_target, opt_target = ckpt.training_targets(single)
+    params_target, opt_target = single.abstract_state()
     with ckpt.Checkpointer(tmp_path) as ck:
         out = ck.restore(params_target=params_target, opt_target=opt_target)
     assert out["step"] == 2
@@ -259,3 +278,63 @@ def test_eight_device_checkpoint_resumes_on_one_device(tmp_path, cfg, training, 
         for a, e, s in zip(jax.tree.leaves(restored), jax.tree.leaves(expected), jax.tree.leaves(shardings)):
             assert a.sharding == s and len(a.sharding.device_set) == 1
             np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+def multihost_worker(directory: Path):
+    """One of two processes (4 CPU devices each, one 8-device mesh) sharing a checkpoint directory.
+    Step 2 is damaged in the shards only process 1 reads, so only process 1's read fails."""
+    sharding.initialize_distributed()
+    cfg = small_config()
+    training = build_training(cfg)
+    states = [training.init(jax.random.key(seed)) for seed in (1, 2)]
+    save_states(directory, training, cfg, states)
+    if jax.process_index() == 0:
+        for path in (directory / "2" / "params").glob("ocdbt.process_1/d/*"):
+            os.truncate(path, path.stat().st_size // 2)
+    multihost_utils.sync_global_devices("corrupted")
+    params_target, opt_target = training.abstract_state()
+    with warnings.catch_warnings(record=True) as caught, ckpt.Checkpointer(directory) as ck:
+        warnings.simplefilter("always", ckpt.CorruptCheckpointWarning)
+        out = ck.restore(params_target=params_target, opt_target=opt_target)
+        steps_after = ck.all_steps()
+    print(json.dumps({"step": out["step"], "steps_after": steps_after,
+                      "restored": ckpt.checksums(out["params"]) == ckpt.checksums(states[0][0]),
+                      "warnings": [str(w.message) for w in caught
+                                   if issubclass(w.category, ckpt.CorruptCheckpointWarning)]}), flush=True)
+
+
+@pytest.mark.slow
+def test_two_processes_restore_and_skip_the_same_step(tmp_path):
+    """A read that fails on one host only must not leave the other waiting in a collective."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    repo = Path(__file__).resolve().parent.parent
+    procs, logs = [], [(tmp_path / f"{i}.out", tmp_path / f"{i}.err") for i in range(2)]
+    for i, (out, err) in enumerate(logs):
+        env = {**os.environ, "JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            procs.append(subprocess.Popen([sys.executable, __file__, str(tmp_path / "run")], env=env, cwd=repo,
+                                          stdout=stdout, stderr=stderr))
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
+        time.sleep(0.2)
+    for p in procs:  # a worker whose peer died would wait in a collective until killed
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    if any(p.returncode for p in procs):
+        pytest.fail("\n".join(f"worker {i} exit {p.returncode}:\n{err.read_text()[-3000:]}"
+                               for i, (p, (_, err)) in enumerate(zip(procs, logs))))
+    results = [json.loads(out.read_text().strip().splitlines()[-1]) for out, _ in logs]
+    for r in results:
+        assert r["restored"] and r["step"] == 1 and r["steps_after"] == [1]
+        assert len(r["warnings"]) == 1 and "checkpoint step 2" in r["warnings"][0]
+    assert "another process could not read it" in results[0]["warnings"][0]
+
+
+if __name__ == "__main__":  # a worker of the test above; the device count must be set before jax starts
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    multihost_worker(Path(sys.argv[1]))
