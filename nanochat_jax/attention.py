@@ -37,6 +37,20 @@ def xla_attention(q, k, v, *, causal: bool = True):
     return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
 
 
+def cached_attention(q, k_cache, v_cache, positions):
+    """Queries (B, T, H, D) at absolute `positions` (B, T) against a KV cache (B, S, Hkv, D): each
+    query sees the cached keys at positions up to its own (later slots hold stale or no data)."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache, preferred_element_type=jnp.float32) * head_dim ** -0.5
+    visible = jnp.arange(k_cache.shape[1])[None, None, :] <= positions[:, :, None]  # (B, T, S)
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache, preferred_element_type=jnp.float32)
+    return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+
+
 def attention(q, k, v, *, backend: str = "xla", causal: bool = True):
     if backend == "xla":
         return xla_attention(q, k, v, causal=causal)

@@ -85,17 +85,20 @@ def rms_norm(x, eps: float = 1e-6):
 
 
 def rotary_tables(positions, head_dim: int, base: float):
-    """cos and sin of shape (T, head_dim/2) for integer positions, in fp32."""
+    """cos and sin of shape (*positions.shape, head_dim/2) for integer positions, in fp32."""
     inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rotary(x, cos, sin):
-    """nanochat's half-split rotary on (B, T, H, D): (x1, x2) -> (x1 cos + x2 sin, -x1 sin + x2 cos)."""
+    """nanochat's half-split rotary on (B, T, H, D): (x1, x2) -> (x1 cos + x2 sin, -x1 sin + x2 cos).
+
+    cos/sin are (T, D/2) for positions shared by the batch or (B, T, D/2) for per-row positions."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = (cos[None], sin[None]) if cos.ndim == 2 else (cos, sin)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return jnp.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1).astype(x.dtype)
 
 
@@ -128,15 +131,24 @@ class CausalSelfAttention(nnx.Module):
         self.c_v = Linear(cfg.dim, cfg.n_kv_head * hd, ("embed", "heads"), rngs=rngs)
         self.c_proj = Linear(cfg.n_head * hd, cfg.dim, ("heads", "embed"), rngs=rngs, zero_init=True)
 
-    def __call__(self, x, cos, sin):
+    def __call__(self, x, cos, sin, cache=None, positions=None):
+        """Self-attention over the sequence, or with `cache` = (k, v) of shape (B, S, Hkv, D):
+        the new tokens' keys and values are written at their `positions` (B, T) and the queries
+        attend to every cached position up to their own. Returns (out, cache) in that case."""
         cfg, (batch, seq, _) = self.cfg, x.shape
         q = constrain(self.c_q(x).reshape(batch, seq, cfg.n_head, cfg.head_dim), ACT_HEADS)
         k = constrain(self.c_k(x).reshape(batch, seq, cfg.n_kv_head, cfg.head_dim), ACT_HEADS)
         v = constrain(self.c_v(x).reshape(batch, seq, cfg.n_kv_head, cfg.head_dim), ACT_HEADS)
         q = rms_norm(apply_rotary(q, cos, sin))
         k = rms_norm(apply_rotary(k, cos, sin))
-        y = attn_lib.attention(q, k, v, backend=cfg.attention, causal=True)
-        return self.c_proj(y.reshape(batch, seq, cfg.n_head * cfg.head_dim))
+        if cache is None:
+            y = attn_lib.attention(q, k, v, backend=cfg.attention, causal=True)
+            return self.c_proj(y.reshape(batch, seq, cfg.n_head * cfg.head_dim))
+        rows = jnp.arange(batch)[:, None]
+        k_cache = cache[0].at[rows, positions].set(k.astype(cache[0].dtype))
+        v_cache = cache[1].at[rows, positions].set(v.astype(cache[1].dtype))
+        y = attn_lib.cached_attention(q, k_cache, v_cache, positions)
+        return self.c_proj(y.reshape(batch, seq, cfg.n_head * cfg.head_dim)), (k_cache, v_cache)
 
 
 class MLP(nnx.Module):
@@ -157,6 +169,11 @@ class Block(nnx.Module):
         x = x + self.attn(rms_norm(x), cos, sin)
         x = x + self.mlp(rms_norm(x))
         return constrain(x, ACT)
+
+    def cached(self, x, cos, sin, cache, positions):
+        y, cache = self.attn(rms_norm(x), cos, sin, cache, positions)
+        x = x + y
+        return x + self.mlp(rms_norm(x)), cache
 
 
 class GPT(nnx.Module):
@@ -183,6 +200,20 @@ class GPT(nnx.Module):
                 run = jax.checkpoint(lambda s, h: nnx.merge(graphdef, s)(h, cos, sin), policy=policy)
                 x = run(state, x)
         return rms_norm(x)
+
+    def decode(self, idx, cache: dict, positions):
+        """Logits (B, T, vocab) of new tokens `idx` at absolute `positions` (B, T), and the cache
+        with their keys and values written: {"k", "v"} of shape (layers, B, S, Hkv, D)."""
+        cfg = self.cfg
+        cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_base)
+        x = rms_norm(jnp.take(self.wte[...], idx, axis=0).astype(cfg.dtype))
+        ks, vs = [], []
+        for i, block in enumerate(self.blocks):
+            x, (k, v) = block.cached(x, cos, sin, (cache["k"][i], cache["v"][i]), positions)
+            ks.append(k)
+            vs.append(v)
+        logits = softcap_logits(self.lm_head(rms_norm(x)), cfg.softcap)
+        return logits, {"k": jnp.stack(ks), "v": jnp.stack(vs)}
 
     def __call__(self, idx, positions=None):
         """Softcapped fp32 logits (B, T, vocab)."""
@@ -239,6 +270,16 @@ def init_params(cfg: GPTConfig, key, shardings=None):
     """Fresh fp32 parameters as a nested dict, created directly in their shardings (if given)."""
     init = lambda k: nnx.split(GPT(cfg, rngs=nnx.Rngs(k)))[1].to_pure_dict()
     return jax.jit(init, out_shardings=shardings)(key)
+
+
+def empty_cache(cfg: GPTConfig, batch: int, length: int) -> dict:
+    """A zeroed KV cache for `batch` rows of up to `length` positions, in the compute dtype."""
+    shape = (cfg.n_layer, batch, length, cfg.n_kv_head, cfg.head_dim)
+    return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+
+
+def decode(graphdef, params, idx, cache, positions):
+    return nnx.merge(graphdef, params).decode(idx, cache, positions)
 
 
 def forward(graphdef, params, idx, positions=None):
