@@ -1,0 +1,55 @@
+"""Load a trained model for inference: parameters only (never the optimizer state), placed on
+the local devices, with the config and tokenizer it was trained with."""
+import dataclasses
+from pathlib import Path
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
+
+from nanochat_jax import model as model_lib
+from nanochat_jax import paths
+from nanochat_jax.checkpoint import STAGES, abstract_tree, load_info, load_params
+from nanochat_jax.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    graphdef: object
+    params: dict
+    model_cfg: model_lib.GPTConfig
+    config: ConfigDict
+    tokenizer: Tokenizer
+    step: int
+    directory: Path
+
+
+def find_checkpoint_dir(stage: str, tag: str | None = None) -> Path:
+    """checkpoints/<stage>/<tag>; without a tag, the run of that stage saved most recently."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    root = paths.base_dir() / "checkpoints" / stage
+    runs = [p for p in root.glob("*") if p.is_dir()] if root.is_dir() else []
+    if tag is not None:
+        runs = [p for p in runs if p.name == tag]
+    if not runs:
+        hint = "python -m launch.base_train" if stage == "base" else f"the {stage} stage"
+        raise FileNotFoundError(f"no {stage} checkpoint{f' tagged {tag!r}' if tag else ''} in {root}; train one "
+                                f"with {hint}")
+    return max(runs, key=lambda p: p.stat().st_mtime)
+
+
+def load_model(stage: str, step: int | None = None, *, tag: str | None = None) -> LoadedModel:
+    """The model of a stage's checkpoint (latest step unless given), replicated on the local devices."""
+    directory = find_checkpoint_dir(stage, tag)
+    info = load_info(directory, step)
+    config = ConfigDict(info["config"])
+    model_cfg = model_lib.GPTConfig.from_config(config.model)
+    graphdef, shapes, _ = model_lib.abstract_model(model_cfg)
+    mesh = jax.sharding.Mesh(jax.local_devices()[:1], ("data",))
+    params, _ = load_params(directory, info["step"], params_target=abstract_tree(shapes, NamedSharding(mesh, P())))
+    tokenizer = Tokenizer.load(paths.tokenizer_dir())
+    if tokenizer.vocab_size != model_cfg.vocab_size:
+        raise ValueError(f"the tokenizer in {paths.tokenizer_dir()} has {tokenizer.vocab_size:,} tokens but the "
+                         f"model in {directory} was trained with {model_cfg.vocab_size:,}")
+    return LoadedModel(graphdef, params, model_cfg, config, tokenizer, info["step"], directory)
