@@ -131,10 +131,11 @@ class CausalSelfAttention(nnx.Module):
         self.c_v = Linear(cfg.dim, cfg.n_kv_head * hd, ("embed", "heads"), rngs=rngs)
         self.c_proj = Linear(cfg.n_head * hd, cfg.dim, ("heads", "embed"), rngs=rngs, zero_init=True)
 
-    def __call__(self, x, cos, sin, cache=None, positions=None):
-        """Self-attention over the sequence, or with `cache` = (k, v) of shape (B, S, Hkv, D):
-        the new tokens' keys and values are written at their `positions` (B, T) and the queries
-        attend to every cached position up to their own. Returns (out, cache) in that case."""
+    def __call__(self, x, cos, sin, cache=None, positions=None, layer: int = 0):
+        """Self-attention over the sequence; or, with `cache` = (k, v) of shape (layers, B, S, Hkv, D),
+        the new tokens' keys and values are written into layer `layer` at their `positions` (B, T)
+        and the queries attend to every cached position up to their own. Returns (out, cache) then.
+        The cache is updated in place (one slice written), never copied whole."""
         cfg, (batch, seq, _) = self.cfg, x.shape
         q = constrain(self.c_q(x).reshape(batch, seq, cfg.n_head, cfg.head_dim), ACT_HEADS)
         k = constrain(self.c_k(x).reshape(batch, seq, cfg.n_kv_head, cfg.head_dim), ACT_HEADS)
@@ -145,9 +146,9 @@ class CausalSelfAttention(nnx.Module):
             y = attn_lib.attention(q, k, v, backend=cfg.attention, causal=True)
             return self.c_proj(y.reshape(batch, seq, cfg.n_head * cfg.head_dim))
         rows = jnp.arange(batch)[:, None]
-        k_cache = cache[0].at[rows, positions].set(k.astype(cache[0].dtype))
-        v_cache = cache[1].at[rows, positions].set(v.astype(cache[1].dtype))
-        y = attn_lib.cached_attention(q, k_cache, v_cache, positions)
+        k_cache = cache[0].at[layer, rows, positions].set(k.astype(cache[0].dtype))
+        v_cache = cache[1].at[layer, rows, positions].set(v.astype(cache[1].dtype))
+        y = attn_lib.cached_attention(q, k_cache[layer], v_cache[layer], positions)
         return self.c_proj(y.reshape(batch, seq, cfg.n_head * cfg.head_dim)), (k_cache, v_cache)
 
 
@@ -170,8 +171,8 @@ class Block(nnx.Module):
         x = x + self.mlp(rms_norm(x))
         return constrain(x, ACT)
 
-    def cached(self, x, cos, sin, cache, positions):
-        y, cache = self.attn(rms_norm(x), cos, sin, cache, positions)
+    def cached(self, x, cos, sin, cache, positions, layer: int):
+        y, cache = self.attn(rms_norm(x), cos, sin, cache, positions, layer)
         x = x + y
         return x + self.mlp(rms_norm(x)), cache
 
@@ -201,19 +202,20 @@ class GPT(nnx.Module):
                 x = run(state, x)
         return rms_norm(x)
 
-    def decode(self, idx, cache: dict, positions):
-        """Logits (B, T, vocab) of new tokens `idx` at absolute `positions` (B, T), and the cache
-        with their keys and values written: {"k", "v"} of shape (layers, B, S, Hkv, D)."""
+    def decode(self, idx, cache: dict, positions, logits_at=None):
+        """Logits of new tokens `idx` (B, T) at absolute `positions` (B, T), and the cache with their
+        keys and values written: {"k", "v"} of shape (layers, B, S, Hkv, D). With `logits_at` (B,),
+        only each row's logits at that index of T are computed, (B, vocab): a prefill needs one."""
         cfg = self.cfg
         cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_base)
         x = rms_norm(jnp.take(self.wte[...], idx, axis=0).astype(cfg.dtype))
-        ks, vs = [], []
+        kv = (cache["k"], cache["v"])
         for i, block in enumerate(self.blocks):
-            x, (k, v) = block.cached(x, cos, sin, (cache["k"][i], cache["v"][i]), positions)
-            ks.append(k)
-            vs.append(v)
+            x, kv = block.cached(x, cos, sin, kv, positions, i)
+        if logits_at is not None:
+            x = x[jnp.arange(x.shape[0]), logits_at]
         logits = softcap_logits(self.lm_head(rms_norm(x)), cfg.softcap)
-        return logits, {"k": jnp.stack(ks), "v": jnp.stack(vs)}
+        return logits, {"k": kv[0], "v": kv[1]}
 
     def __call__(self, idx, positions=None):
         """Softcapped fp32 logits (B, T, vocab)."""
@@ -278,8 +280,8 @@ def empty_cache(cfg: GPTConfig, batch: int, length: int) -> dict:
     return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
 
 
-def decode(graphdef, params, idx, cache, positions):
-    return nnx.merge(graphdef, params).decode(idx, cache, positions)
+def decode(graphdef, params, idx, cache, positions, logits_at=None):
+    return nnx.merge(graphdef, params).decode(idx, cache, positions, logits_at)
 
 
 def forward(graphdef, params, idx, positions=None):
