@@ -77,6 +77,17 @@ def test_kill_and_resume_equals_uninterrupted_run(base_dir, tmp_path_factory):
     assert result["step"] == 30 and result["val_bpb"] == pytest.approx(reference["val_bpb"], rel=1e-6)
     assert result["train_bpb"] > 0
 
+    # the chat CLI loads the same checkpoint (params only): one-shot, then interactive with commands
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["NANOCHAT_BASE_DIR"] = str(base_dir)
+    cli = [sys.executable, "-m", "launch.chat_cli", "-i", "base", "-m", "8"]
+    one_shot = subprocess.run(cli + ["-p", "Hello there"], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert one_shot.returncode == 0 and "Assistant: " in one_shot.stdout, one_shot.stderr[-2000:]
+    chat = subprocess.run(cli, input="hi\nclear\nhow are you\nquit\n", cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert chat.returncode == 0 and chat.stdout.count("Assistant: ") == 2 and "(conversation cleared)" in chat.stdout
+
 
 def test_sigterm_saves_and_exits(base_dir):
     proc = launch(base_dir, "launch.base_train", "--config.train.num_iterations=1000")
