@@ -20,39 +20,13 @@ import types
 import jax
 import numpy as np
 
+from nanochat_jax import hardware
 from nanochat_jax import model as model_lib
 from nanochat_jax.config import config_from_args
 from nanochat_jax.engine import Engine
 from nanochat_jax.tokenizer import SPECIAL_IDS
 
 BATCHES = (1, 16)
-
-# (substring of jax's device_kind, memory bytes/s). First match wins: specific names first.
-MEMORY_BANDWIDTH = (
-    ("H100 PCIe", 2.0e12),
-    ("H100 NVL", 3.9e12),
-    ("GH200", None),  # sold with HBM3 and with HBM3e; the name does not say which
-    ("H100", 3.35e12),
-    ("H800", 3.35e12),
-    ("H200", 4.8e12),
-    ("B200", 8.0e12),
-    ("A100 80GB PCIe", 1.94e12),
-    ("A100-SXM4-80GB", 2.0e12),
-    ("A100", 1.55e12),  # the 40 GB parts
-    ("TPU v4", 1.2e12),
-    ("TPU v5 lite", 0.82e12),
-    ("TPU v5", 2.76e12),
-    ("TPU v6 lite", 1.64e12),
-)
-
-
-def memory_bandwidth(device=None) -> float | None:
-    """Memory bytes/s of one device, or None where unknown (CPU, unlisted devices)."""
-    device = jax.devices()[0] if device is None else device
-    if device.platform == "cpu":
-        return None
-    return next((bw for name, bw in MEMORY_BANDWIDTH if name in device.device_kind), None)
-
 
 def add_arguments(parser):
     parser.add_argument("--prompt_len", type=int, default=0, help="prompt tokens (0: half the context)")
@@ -97,7 +71,7 @@ def main(argv=None):
     result = {
         "config": cfg.name, "device_kind": device.device_kind, "num_params": model_lib.num_params(model_cfg),
         "compute_dtype": model_cfg.compute_dtype, "prompt_len": prompt_len,
-        "memory_bandwidth": memory_bandwidth(device),
+        "memory_bandwidth": hardware.memory_bandwidth(device),
     }
     print(f"{cfg.name}: {result['num_params']:,} params, compute {model_cfg.compute_dtype}, 1 x {device.device_kind}, "
           f"prompt {prompt_len} tokens", flush=True)

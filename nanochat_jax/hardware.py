@@ -1,4 +1,5 @@
-"""What the devices can do: peak bf16 matmul throughput by device kind, and memory in use.
+"""What the devices can do: peak bf16 matmul throughput and memory bandwidth by device kind, and
+memory in use.
 
 MFU divides achieved model FLOP/s by the dense (no sparsity) bf16 peak of the devices. CPUs have
 no meaningful peak here, so MFU is None on CPU.
@@ -42,6 +43,33 @@ def peak_flops(device=None) -> float | None:
 def mfu(flops_per_token: float, tokens_per_s: float, num_devices: int, device=None) -> float | None:
     peak = peak_flops(device)
     return None if peak is None else flops_per_token * tokens_per_s / (peak * num_devices)
+
+
+# (substring of jax's device_kind, memory bytes/s). First match wins: specific names first.
+MEMORY_BANDWIDTH = (
+    ("H100 PCIe", 2.0e12),
+    ("H100 NVL", 3.9e12),
+    ("GH200", None),  # sold with HBM3 and with HBM3e; the name does not say which
+    ("H100", 3.35e12),
+    ("H800", 3.35e12),
+    ("H200", 4.8e12),
+    ("B200", 8.0e12),
+    ("A100 80GB PCIe", 1.94e12),
+    ("A100-SXM4-80GB", 2.0e12),
+    ("A100", 1.55e12),  # the 40 GB parts
+    ("TPU v4", 1.2e12),
+    ("TPU v5 lite", 0.82e12),
+    ("TPU v5", 2.76e12),
+    ("TPU v6 lite", 1.64e12),
+)
+
+
+def memory_bandwidth(device=None) -> float | None:
+    """Memory bytes/s of one device, or None where unknown (CPU, unlisted devices)."""
+    device = jax.devices()[0] if device is None else device
+    if device.platform == "cpu":
+        return None
+    return next((bw for name, bw in MEMORY_BANDWIDTH if name in device.device_kind), None)
 
 
 def peak_memory_bytes() -> int | None:

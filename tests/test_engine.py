@@ -15,6 +15,7 @@ import pytest
 
 from launch import bench_infer
 from nanochat_jax import engine as engine_lib
+from nanochat_jax import hardware
 from nanochat_jax import model as model_lib
 from nanochat_jax import sharding
 from nanochat_jax.engine import Engine
@@ -204,8 +205,8 @@ def test_bench_infer_reports_throughput_and_bytes(capsys):
     assert result["cache_bytes_b16"] == 16 * cache_row
     assert result["decode_bytes_b1"] == result["param_bytes"] - 4096 * 64 * 4 + 64 * 4 + cache_row
     gpu = lambda kind: types.SimpleNamespace(platform="gpu", device_kind=kind)
-    assert bench_infer.memory_bandwidth(gpu("NVIDIA H100 80GB HBM3")) == 3.35e12
-    assert bench_infer.memory_bandwidth(gpu("NVIDIA H100 PCIe")) == 2.0e12
-    assert bench_infer.memory_bandwidth(gpu("NVIDIA H200")) == 4.8e12
-    assert bench_infer.memory_bandwidth(gpu("NVIDIA A100-SXM4-40GB")) == 1.55e12
-    assert bench_infer.memory_bandwidth(gpu("NVIDIA A100-SXM4-80GB")) == 2.0e12
+    assert hardware.memory_bandwidth(gpu("NVIDIA H100 80GB HBM3")) == 3.35e12
+    assert hardware.memory_bandwidth(gpu("NVIDIA H100 PCIe")) == 2.0e12
+    assert hardware.memory_bandwidth(gpu("NVIDIA H200")) == 4.8e12
+    assert hardware.memory_bandwidth(gpu("NVIDIA A100-SXM4-40GB")) == 1.55e12
+    assert hardware.memory_bandwidth(gpu("NVIDIA A100-SXM4-80GB")) == 2.0e12
