@@ -2,13 +2,18 @@
 
 `xla` is the reference: plain einsums and a causal mask, GQA by grouping query heads over each
 KV head (K/V are never repeated). `cudnn` is jax.nn.dot_product_attention's fused cuDNN kernel
-with `is_causal` (no dense mask is built). `auto` picks cuDNN on GPU for 16-bit inputs and the
-reference elsewhere. Layout throughout: (batch, seq, heads, head_dim).
+with `is_causal` (no dense mask is built). `pallas` is this repo's FlashAttention-2 kernel
+(kernels/flash_attention.py, forward and backward, GQA without repeating K/V); it runs
+interpreted, hence slowly, on CPU and has not yet been compiled or timed on a GPU, so `auto`
+still picks cuDNN on GPU for 16-bit inputs and the reference elsewhere. Layout throughout:
+(batch, seq, heads, head_dim).
 """
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("auto", "xla", "cudnn")
+from kernels.flash_attention import flash_attention
+
+BACKENDS = ("auto", "xla", "cudnn", "pallas")
 
 
 def resolve_backend(name: str, dtype) -> str:
@@ -56,4 +61,6 @@ def attention(q, k, v, *, backend: str = "xla", causal: bool = True):
         return xla_attention(q, k, v, causal=causal)
     if backend == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+    if backend == "pallas":
+        return flash_attention(q, k, v, causal=causal)
     raise ValueError(f"attention backend {backend!r} must be resolved first (see resolve_backend)")
