@@ -2,12 +2,18 @@
 
 `log(section, data)` writes `$NANOCHAT_BASE_DIR/report/<slug>.md`: a `## section` header, a
 timestamp, then `- key: value` lines (floats to 4 decimals, large ints with separators) and any
-markdown given as a string, so re-running a stage replaces its section.
+markdown given as a string, so re-running a stage replaces its section. `reset()` starts a run's
+report with a header (code version, machine, start time, code size) and `generate()` joins the
+header and the sections in pipeline order into report.md, with the total wall-clock time.
 """
 import datetime
 import os
+import platform
 import re
+import subprocess
 from pathlib import Path
+
+import jax
 
 from nanochat_jax import paths
 
@@ -56,7 +62,6 @@ HEADER = "header.md"
 
 
 def _git(*args) -> str:
-    import subprocess
     try:
         return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
                               cwd=Path(__file__).parent).stdout.strip()
@@ -75,8 +80,6 @@ def _bloat(root: Path) -> dict:
 
 def reset() -> None:
     """Start a new report: remove old sections and write the header (machine, code, start time)."""
-    import platform
-    import jax
     for path in report_dir().glob("*.md"):
         path.unlink()
     devices = jax.devices()
