@@ -10,6 +10,7 @@ import json
 
 import jax
 
+from launch import run
 from launch.base_train import evaluate_bpb, load_tokenizer, print_samples
 from nanochat_jax import report, sharding
 from nanochat_jax.checkpoint import checkpoint_dir, load_params
@@ -44,4 +45,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

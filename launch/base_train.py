@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from launch import run
 from nanochat_jax import hardware, paths, report, sharding
 from nanochat_jax import model as model_lib
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
@@ -226,4 +227,4 @@ def start_wandb(cfg):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

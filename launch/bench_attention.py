@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from kernels.decode_attention import decode_attention
 from kernels.flash_attention import BlockSizes, flash_attention
+from launch import run
 from nanochat_jax import attention as attn_lib
 from nanochat_jax.config import config_from_args, load_config
 from nanochat_jax.model import GPTConfig
@@ -228,4 +229,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

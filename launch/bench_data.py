@@ -13,6 +13,7 @@ bench_train does. The last line is one JSON object.
 import json
 import time
 
+from launch import run
 from nanochat_jax import paths
 from nanochat_jax.config import config_from_args
 from nanochat_jax.data.pretrain import pretrain_loader
@@ -98,4 +99,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

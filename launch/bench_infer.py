@@ -20,6 +20,7 @@ import types
 import jax
 import numpy as np
 
+from launch import run
 from nanochat_jax import hardware
 from nanochat_jax import model as model_lib
 from nanochat_jax.config import config_from_args
@@ -129,4 +130,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -16,6 +16,7 @@ import time
 
 import tiktoken
 
+from launch import run
 from launch.tok_eval import load_tiktoken
 from launch.tok_train import training_sentences
 from nanochat_jax.config import config_from_args
@@ -73,4 +74,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

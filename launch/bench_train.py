@@ -13,6 +13,7 @@ import time
 import jax
 import numpy as np
 
+from launch import run
 from nanochat_jax import hardware, sharding
 from nanochat_jax import model as model_lib
 from nanochat_jax.config import config_from_args
@@ -89,4 +90,4 @@ def run_benchmark(cfg, steps: int, warmup: int) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 
+from launch import run
 from nanochat_jax.config import config_from_args
 from nanochat_jax.data.download import default_base_url, download_shards, shard_indices
 from nanochat_jax.data.shards import data_dir
@@ -74,4 +75,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from launch import run
 from nanochat_jax import paths, report
 from nanochat_jax.config import config_from_args
 
@@ -73,4 +74,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

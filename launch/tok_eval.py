@@ -21,6 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import tiktoken
 
+from launch import run
 from launch.tok_eval_samples import SAMPLES
 from nanochat_jax import paths, report
 from nanochat_jax.config import config_from_args
@@ -155,4 +156,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

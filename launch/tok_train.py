@@ -17,6 +17,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from launch import run
 from nanochat_jax import paths, report
 from nanochat_jax.config import config_from_args
 from nanochat_jax.data.shards import iter_documents, shards_for_split
@@ -80,4 +81,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
