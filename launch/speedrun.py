@@ -1,6 +1,6 @@
 """The whole pipeline, stage after stage, ending in report.md.
 
-    python -m launch.speedrun --config=tiny     # CPU, no network: about 10 minutes on 2 cores
+    python -m launch.speedrun --config=tiny     # CPU, no network: about 6 minutes on 2 cores
     python -m launch.speedrun --config=d20      # 8xH100
 
 Stages run as subprocesses with the same config and overrides: tokenizer training, tokenizer
