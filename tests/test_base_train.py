@@ -107,3 +107,42 @@ def test_sigterm_saves_and_exits(base_dir):
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
     out, _ = launch(tmp_path, "launch.base_train").communicate(timeout=300)
     assert "launch.tok_train" in out
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(base_dir, monkeypatch, capsys):
+    """A step whose loss is NaN stops the run with exit code 3 and a clear message, saves nothing
+    for it, and leaves the last good checkpoint (step 1) in place. The model's norms and softcap
+    make a real divergence hard to provoke in a few steps, so the step is wrapped to report NaN."""
+    from launch import base_train
+
+    real_build = base_train.build_training
+
+    def build_with_nan_at_step_2(*args, **kwargs):
+        training = real_build(*args, **kwargs)
+        real_step, calls = training.step, []
+
+        def step(params, opt_state, batch):
+            params, opt_state, metrics = real_step(params, opt_state, batch)
+            calls.append(1)
+            return params, opt_state, {**metrics, "loss": float("nan") if len(calls) == 2 else metrics["loss"]}
+
+        training.step = step
+        return training
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+    monkeypatch.setattr(base_train, "build_training", build_with_nan_at_step_2)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    args = [a for a in OVERRIDES[1:] if "total_batch_size" not in a and "checkpoint_every" not in a]
+    try:  # 8 devices in this process: one micro-batch is 8 x 4 rows of 64 tokens
+        with pytest.raises(SystemExit) as exit_info:
+            base_train.main(["--config=tiny", *args, "--config.train.total_batch_size=2048",
+                             "--config.train.checkpoint_every=1"])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert exit_info.value.code == 3
+    err = capsys.readouterr().err
+    assert "loss is nan" in err and "last good checkpoint (step 1)" in err
+    ckpt = base_dir / "checkpoints" / "base" / "tiny"
+    assert [json.loads(line)["step"] for line in (ckpt / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["1"]
