@@ -14,11 +14,12 @@ import json
 import time
 
 from launch import run
+from launch.tok_train import training_sentences
 from nanochat_jax import paths
 from nanochat_jax.config import config_from_args
 from nanochat_jax.data.pretrain import pretrain_loader
 from nanochat_jax.data.shards import iter_documents, shards_for_split
-from nanochat_jax.tokenizer import Tokenizer, split_for_training, train_tokenizer
+from nanochat_jax.tokenizer import Tokenizer, train_tokenizer
 
 THROWAWAY_CHARS = 20_000_000
 
@@ -43,16 +44,9 @@ def bench_tokenizer(cfg) -> Tokenizer:
     print(f"no {vocab_size:,}-token tokenizer in {paths.tokenizer_dir()}: training a throwaway one on "
           f"{THROWAWAY_CHARS:,} characters of the train split", flush=True)
     t0 = time.perf_counter()
-
-    def pieces():
-        chars = 0
-        for doc in iter_documents(shards_for_split(cfg.data, "train"), cfg.tokenizer.doc_cap):
-            yield from split_for_training(doc)
-            chars += len(doc)
-            if chars >= THROWAWAY_CHARS:
-                return
-
-    tok = train_tokenizer(pieces(), vocab_size)
+    docs = iter_documents(shards_for_split(cfg.data, "train"), cfg.tokenizer.doc_cap)
+    stats = {"documents": 0, "chars": 0, "sentences": 0}
+    tok = train_tokenizer(training_sentences(docs, THROWAWAY_CHARS, stats), vocab_size)
     print(f"trained in {time.perf_counter() - t0:.1f}s", flush=True)
     return tok
 
