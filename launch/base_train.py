@@ -140,7 +140,6 @@ def main(argv=None):
 
     sums_fn = make_bpb_sums(training.graphdef, tok.token_bytes(), training.mesh, training.rules)
     stop = StopRequest()
-    peak = hardware.peak_flops()
     lrm = lambda step: float(lr_multiplier(step, num_iterations, cfg.train.warmup_ratio, cfg.train.warmdown_ratio,
                                            cfg.train.final_lr_frac))
     smooth_loss, val_bpb, timed_steps, timed_s = 0.0, meta.get("val_bpb"), 0, 0.0
@@ -170,7 +169,7 @@ def main(argv=None):
         smooth_loss = 0.9 * smooth_loss + 0.1 * loss
         debiased = smooth_loss / (1 - 0.9 ** (step - start))
         tps = tokens_per_step / dt
-        mfu = None if peak is None else flops_per_token * tps / (peak * jax.device_count())
+        mfu = hardware.mfu(flops_per_token, tps, jax.device_count())
         eta = (num_iterations - step) * (timed_s / timed_steps) if timed_steps else None
         if jax.process_index() == 0:
             print(f"step {step:05d}/{num_iterations} | loss {debiased:.4f} | lrm {lrm(step - 1):.3f} | "
@@ -205,7 +204,7 @@ def main(argv=None):
         "step": step, "num_iterations": num_iterations, "val_bpb": val_bpb,
         "min_val_bpb": None if math.isinf(meta["min_val_bpb"]) else meta["min_val_bpb"],
         "tokens_per_s": tokens_per_s,
-        "mfu": None if peak is None or tokens_per_s is None else flops_per_token * tokens_per_s / (peak * jax.device_count()),
+        "mfu": None if tokens_per_s is None else hardware.mfu(flops_per_token, tokens_per_s, jax.device_count()),
         "train_time_s": meta["train_time_s"], "num_params": n_params, "flops_per_token": flops_per_token,
         "tokens": step * tokens_per_step, "checkpoint": str(checkpointer.directory),
     }

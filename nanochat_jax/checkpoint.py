@@ -191,7 +191,8 @@ class Checkpointer:
 
     def save(self, step: int, params, opt_state, data_state, config, meta, force: bool = False) -> bool:
         """Start saving `step` if it is due (or `force`d); True if a save was started."""
-        if step in self._manager.all_steps() or not (force or self._manager.should_save(step)):
+        # the interval test first: listing the saved steps reads the directory, and this runs every step
+        if not (force or self._manager.should_save(step)) or step in self._manager.all_steps():
             return False
         config = config.to_dict() if hasattr(config, "to_dict") else config
         sums = {"params": checksums(params), "opt_state": checksums(opt_state)}
