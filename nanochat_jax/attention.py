@@ -7,11 +7,20 @@ with `is_causal` (no dense mask is built). `pallas` is this repo's FlashAttentio
 interpreted, hence slowly, on CPU and has not yet been compiled or timed on a GPU, so `auto`
 still picks cuDNN on GPU for 16-bit inputs and the reference elsewhere. Layout throughout:
 (batch, seq, heads, head_dim).
+
+A pallas_call has no SPMD partitioning rule, so under a mesh XLA would gather q, k and v whole
+onto every device and run the kernel replicated. Inside `sharding.activation_rules` the kernel
+therefore runs per shard under shard_map instead: batch split over the batch axes and heads over
+the tensor axis (when query and KV heads both split evenly; otherwise heads stay whole).
 """
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from kernels.flash_attention import flash_attention
+from nanochat_jax import sharding
+
+ATTENTION_AXES = ("batch", None, "act_heads", None)  # the sequence is never split for the kernel
 
 BACKENDS = ("auto", "xla", "cudnn", "pallas")
 
@@ -62,5 +71,21 @@ def attention(q, k, v, *, backend: str = "xla", causal: bool = True):
     if backend == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
     if backend == "pallas":
-        return flash_attention(q, k, v, causal=causal)
+        return per_shard(lambda q, k, v: flash_attention(q, k, v, causal=causal), q, k, v)
     raise ValueError(f"attention backend {backend!r} must be resolved first (see resolve_backend)")
+
+
+def per_shard(kernel, q, k, v):
+    """Run `kernel(q, k, v)` on each device's shard of the active mesh (see the module docstring)."""
+    active = sharding.active_rules()
+    if active is None:
+        return kernel(q, k, v)
+    mesh, rules = active
+    q_spec = sharding.logical_to_spec(ATTENTION_AXES, q.shape, mesh, rules)
+    kv_spec = sharding.logical_to_spec(ATTENTION_AXES, k.shape, mesh, rules)
+    if q_spec[2] != kv_spec[2]:  # heads split for q but not for k/v: the group map would break
+        q_spec, kv_spec = P(q_spec[0], None, None, None), P(kv_spec[0], None, None, None)
+    if q_spec[0] != kv_spec[0]:
+        raise ValueError(f"q and k/v batch dims shard differently: {q_spec} vs {kv_spec}")
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v)

@@ -132,6 +132,11 @@ def activation_rules(mesh: Mesh, rules):
         _active.reset(token)
 
 
+def active_rules():
+    """(mesh, rules) inside `activation_rules`, else None."""
+    return _active.get()
+
+
 def constrain(x: jax.Array, logical_axes) -> jax.Array:
     active = _active.get()
     if active is None:

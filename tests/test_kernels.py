@@ -21,6 +21,8 @@ from kernels.decode_attention import decode_attention
 from kernels.flash_attention import BlockSizes, flash_attention
 from kernels.reference import attention_reference, decode_reference
 from nanochat_jax import attention as attn_lib
+from nanochat_jax import sharding
+from nanochat_jax.config import load_config
 from nanochat_jax.model import GPTConfig, abstract_model, loss_fn
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 1e-2}
@@ -133,6 +135,28 @@ def test_model_with_pallas_matches_xla():
     flat_x, flat_p = jax.tree.leaves(grads_x), jax.tree.leaves(grads_p)
     assert all(rel_err(p, x) < 1e-4 for p, x in zip(flat_p, flat_x, strict=True))
     assert np.all(np.abs(np.asarray(grads_p["blocks"][0]["attn"]["c_k"]["kernel"])) > 0)  # attention is exercised
+
+
+@pytest.mark.parametrize("kv_heads, local_q_heads, local_kv_heads", [(2, 2, 1), (1, 4, 1)])
+def test_pallas_runs_per_shard_under_a_mesh(monkeypatch, kv_heads, local_q_heads, local_kv_heads):
+    """On 8 devices (data 2 x fsdp 2 x tensor 2) the kernel sees each device's shard (batch / 4,
+    heads / 2) instead of gathered arrays, and output and gradients equal the unsharded kernel's.
+    With one KV head (MQA, not divisible by tensor = 2) heads stay whole on every device."""
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    rules = sharding.parse_rules(load_config("tiny").mesh.rules)
+    q, k, v, d_out = random_qkv(8, 24, 24, 4, kv_heads, 64, jnp.float32)
+    want = output_and_grads(lambda q, k, v: flash_attention(q, k, v), q, k, v, d_out)
+
+    seen = []
+    def spy(q, k, v, **kw):
+        seen.append((q.shape, k.shape))
+        return flash_attention(q, k, v, **kw)
+    monkeypatch.setattr(attn_lib, "flash_attention", spy)
+    with sharding.activation_rules(mesh, rules):
+        got = output_and_grads(lambda q, k, v: attn_lib.attention(q, k, v, backend="pallas"), q, k, v, d_out)
+    assert seen[0] == ((2, 24, local_q_heads, 64), (2, 24, local_kv_heads, 64))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert rel_err(g, w) < 1e-6
 
 
 # ---- decode attention ------------------------------------------------------------------------
