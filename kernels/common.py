@@ -54,6 +54,18 @@ def cdiv(a, b: int):
     return lax.div(a + b - 1, b)
 
 
+def kv_block_range(first_pos, block_q: int, block_k: int, kv_len: int, causal: bool):
+    """KV blocks a query block must visit, split as [0, n_full) unmasked and [n_full, n_end)
+    masked. first_pos is the key position of the block's first query. With `causal` and a real
+    first query (first_pos < kv_len) no unmasked block holds padded keys; a block of padding
+    queries past the end still gets a valid (clamped) range, whose output the caller drops."""
+    n_blocks = -(-kv_len // block_k)
+    if not causal:
+        return kv_len // block_k, n_blocks
+    n_end = jnp.minimum(cdiv(first_pos + block_q, block_k), n_blocks)
+    return jnp.minimum(lax.div(first_pos + 1, block_k), n_end), n_end
+
+
 def dot(a, b, contract=(1, 0)):
     """2-D matmul contracting a's dim contract[0] with b's dim contract[1], accumulated in fp32."""
     return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),

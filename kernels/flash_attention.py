@@ -43,7 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels.common import (LOG2E, block_size, cdiv, compiler_params, default_interpret, dot,
-                            init_softmax_carry, online_softmax_step, pad_axis, round_up)
+                            init_softmax_carry, kv_block_range, online_softmax_step, pad_axis, round_up)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,19 +86,9 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 # ---- block ranges and masks ----------------------------------------------------------------------
 
-def _kv_range(first_pos, block_q: int, block_k: int, kv_len: int, causal: bool):
-    """KV blocks a query block must visit, split as [0, n_full) unmasked and [n_full, n_end)
-    masked. first_pos is the key position of the block's first query, always a real one (< S),
-    so with `causal` no block it sees whole holds padded keys."""
-    n_blocks = -(-kv_len // block_k)
-    if not causal:
-        return kv_len // block_k, n_blocks
-    return lax.div(first_pos + 1, block_k), jnp.minimum(cdiv(first_pos + block_q, block_k), n_blocks)
-
-
 def _q_range(start_k, block_q: int, block_k: int, n_q: int, q_len: int, kv_len: int, causal: bool):
     """Query blocks that see KV block [start_k, start_k + block_k), split as [lo, mid) masked and
-    [mid, n_q) unmasked (the transpose of _kv_range). Padded keys need no mask here: their dK
+    [mid, n_q) unmasked (the transpose of kv_block_range). Padded keys need no mask here: their dK
     and dV rows are sliced off, and no other output depends on them."""
     if not causal:
         return 0, 0
@@ -132,7 +122,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, causal, q_len, kv_len, b
         mask = _mask(q_pos, start + _iota((1, block_k), 1), kv_len, causal) if masked else None
         return online_softmax_step(carry, s, v_ref[pl.ds(start, block_k), :], mask)
 
-    n_full, n_end = _kv_range(first_pos, block_q, block_k, kv_len, causal)
+    n_full, n_end = kv_block_range(first_pos, block_q, block_k, kv_len, causal)
     carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), init_softmax_carry(block_q, head_dim))
     acc, m, l = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
     # Every row sees key 0 (S >= T), so l >= 1: no division by zero, no log of zero.
@@ -183,7 +173,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, causa
         ds = p * (dot(do, v_ref[pl.ds(start, block_k), :], (1, 1)) - delta)
         return dq + dot(ds.astype(k.dtype), k)
 
-    n_full, n_end = _kv_range(first_pos, block_q, block_k, kv_len, causal)
+    n_full, n_end = kv_block_range(first_pos, block_q, block_k, kv_len, causal)
     dq = lax.fori_loop(0, n_full, functools.partial(body, masked=False), jnp.zeros((block_q, head_dim), jnp.float32))
     dq = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), dq)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)

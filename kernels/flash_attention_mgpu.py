@@ -1,0 +1,258 @@
+"""Causal flash attention forward for Hopper, written for Pallas' Mosaic GPU backend.
+
+`mgpu_attention_forward(q, k, v)` returns what kernels/flash_attention.py's forward returns,
+(out, lse): out (B, T, H, D) in q's dtype and the base-2 log-sum-exp (B, H, T) in fp32, so the
+backward kernels there can consume it unchanged. q (B, T, H, D), k/v (B, S, Hkv, D) in bf16 or
+fp16, H a multiple of Hkv (GQA/MQA without repeating K/V), D a multiple of 64 up to 256.
+
+The shape is FlashAttention-3's. One CTA per (q head, 2 * block_q query rows, batch) runs
+three warpgroups:
+- a producer warpgroup that only issues TMA copies of K and V blocks into a ring of
+  `stages` shared-memory slots, each slot guarded by a "ready" barrier (the TMA completes it)
+  and a "free" barrier (both consumers arrive once they are done with the slot);
+- two consumer warpgroups, each owning block_q query rows: S = Q K^T with wgmma from shared
+  memory (K transposed for free by the descriptor), the online softmax in registers, then
+  O += P V with P fed to wgmma straight from registers.
+A two-arrival "schedule" barrier staggers the consumers by half a step (ping-pong), so that one
+runs its softmax while the other's matmuls occupy the tensor cores.
+
+Causal blocks past the diagonal are never loaded; blocks wholly below it run unmasked and only
+the diagonal (and ragged-tail) blocks build a mask, the split kernels/common.kv_block_range
+computes for the interpreted kernel too. Ragged T and S are padded up to block multiples in the
+wrapper and masked in the kernel, as there. When one consumer needs fewer KV blocks than the
+other (its rows end earlier), it still arrives on the free and schedule barriers of the blocks
+it skips, so the producer and the ping-pong never wait on it.
+
+Verified here (CPU, jax 0.10.2): the kernel lowers through Mosaic GPU to sm_90a code (wgmma,
+TMA, mbarriers) at the d12/d20/d26 shapes and at small ragged GQA shapes
+(tests/test_kernels.py, lowering for the "cuda" platform on a CPU-only machine). Not verified:
+its numbers. jax 0.10's Mosaic GPU interpreter does not implement layout casts, transposed or
+register wgmma operands, so the kernel cannot run on CPU; a GPU test compares it with the
+reference and skips here. Until that test and bench_attention have run on an H100, the
+`pallas` backend uses it only when asked (`NANOCHAT_MGPU_ATTENTION=1`) and `auto` picks cuDNN.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels.common import LOG2E, MASK_VALUE, kv_block_range, pad_axis, round_up
+
+CONSUMERS = 2  # compute warpgroups per CTA; a third one is the TMA producer
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuBlocks:
+    block_q: int = 64    # query rows per consumer warpgroup (wgmma's M is 64)
+    block_k: int = 128   # keys per pipeline step
+    stages: int = 2      # K/V slots in flight
+
+    def __post_init__(self):
+        if self.block_q % 64 or self.block_k % 64 or self.stages < 2:
+            raise ValueError(f"block_q and block_k must be multiples of 64 and stages >= 2, got {self}")
+
+
+def check_supported(q, k, v, causal: bool):
+    """Raise ValueError unless this kernel handles these inputs (the caller can fall back)."""
+    if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"expected q (B, T, H, D) and k, v (B, S, Hkv, D); got {q.shape}, {k.shape}, {v.shape}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} KV heads")
+    if not q.dtype == k.dtype == v.dtype or jnp.dtype(q.dtype).itemsize != 2:
+        raise ValueError(f"the Mosaic GPU kernel takes bf16/fp16 q, k, v, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[3] % 64 or q.shape[3] > 256:
+        raise ValueError(f"head dim {q.shape[3]} is not a multiple of 64 up to 256")
+    if causal and k.shape[1] < q.shape[1]:
+        raise ValueError(f"causal attention needs at least as many keys ({k.shape[1]}) as queries ({q.shape[1]})")
+
+
+def mgpu_attention_forward(q, k, v, *, causal: bool = True, blocks: MgpuBlocks = MgpuBlocks(),
+                           interpret=None):
+    """(out, lse) as described in the module docstring. `interpret`: None to compile, or jax's
+    Mosaic GPU interpreter parameters (tests only; see tests/test_kernels.py)."""
+    check_supported(q, k, v, causal)
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    bq, bk = blocks.block_q, blocks.block_k
+    tp, sp = round_up(q_len, CONSUMERS * bq), round_up(kv_len, bk)
+    stages = min(blocks.stages, sp // bk)
+    kernel = _make_kernel(q_len=q_len, kv_len=kv_len, group=heads // kv_heads, head_dim=head_dim,
+                          block_q=bq, block_k=bk, stages=stages, causal=causal, dtype=q.dtype)
+    out, lse = plgpu.kernel(
+        kernel,
+        out_type=[jax.ShapeDtypeStruct((batch, tp, heads, head_dim), q.dtype),
+                  jax.ShapeDtypeStruct((batch, heads, tp), jnp.float32)],
+        grid=(heads, tp // (CONSUMERS * bq), batch),
+        grid_names=("heads", "q_tile", "batch"),
+        num_threads=CONSUMERS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret,
+    )(pad_axis(q, 1, tp), pad_axis(k, 1, sp), pad_axis(v, 1, sp))
+    return out[:, :q_len], lse[:, :, :q_len]
+
+
+# ---- the register-level operations, kept apart so that tests can run the rest interpreted -----
+
+def matmul_qkt(q_tile, k_tile, then):
+    """Q K^T in fp32 from two shared-memory tiles (K transposed by the wgmma descriptor, not
+    moved); `then` runs while the wgmma is in flight."""
+    def issue(acc_ref):
+        plgpu.wgmma(acc_ref, q_tile, plgpu.transpose_ref(k_tile, (1, 0)))
+        then()
+        return acc_ref[...]
+    return pl.run_scoped(issue, plgpu.ACC((q_tile.shape[0], k_tile.shape[0]), jnp.float32))
+
+
+def matmul_acc(acc, p, v_tile):
+    """acc + P V: acc fp32 in registers (wgmma layout), P 16-bit in registers, V in shared memory."""
+    def issue(acc_ref):
+        plgpu.wgmma(acc_ref, p, v_tile)
+    return pl.run_state(issue)(plgpu.ACC.init(acc))
+
+
+def iota(shape, dim):
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def in_wgmma_layout(x):
+    """A (rows, cols) array in wgmma's accumulator layout, a (rows,) one in its row layout."""
+    return plgpu.layout_cast(x, plgpu.Layout.WGMMA if x.ndim == 2 else plgpu.Layout.WGMMA.reduce(1))
+
+
+def _make_kernel(*, q_len, kv_len, group, head_dim, block_q, block_k, stages, causal, dtype):
+    score_scale = head_dim ** -0.5 * LOG2E  # scores in base 2, as everywhere in kernels/
+    offset = kv_len - q_len                 # key position of query 0
+    rows_per_cta = CONSUMERS * block_q
+
+    def body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, schedule):
+        q_smem, k_smem, v_smem, lse_smem = smem
+        q_ready, k_ready, v_ready = ready
+        k_free, v_free = free
+        b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+        cta_row = lax.axis_index("q_tile") * rows_per_cta
+        # The last consumer's rows come last, so its block count bounds the CTA's.
+        _, cta_steps = kv_block_range(cta_row + (CONSUMERS - 1) * block_q + offset, block_q, block_k,
+                                      kv_len, causal)
+
+        def sync_schedule():
+            plgpu.barrier_arrive(schedule)
+            plgpu.barrier_wait(schedule)
+
+        @pl.when(wg < CONSUMERS)
+        def _consume():
+            plgpu.set_max_registers(232, action="increase")
+            row = cta_row + wg * block_q
+            first_pos = row + offset
+            n_full, n_end = kv_block_range(first_pos, block_q, block_k, kv_len, causal)
+            q_tile, lse_tile = q_smem.at[wg], lse_smem.at[wg]
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row, block_q), h], q_tile, q_ready.at[wg])
+            plgpu.barrier_wait(q_ready.at[wg])
+
+            def step(j, carry, masked):
+                acc, m, l = carry
+                slot = lax.rem(j, jnp.int32(stages))
+                plgpu.barrier_wait(k_ready.at[slot])
+
+                s = matmul_qkt(q_tile, k_smem.at[slot], then=sync_schedule) * score_scale
+                plgpu.barrier_arrive(k_free.at[slot])
+                if masked:
+                    k_pos = j * block_k + iota(s.shape, 1)
+                    visible = k_pos < kv_len
+                    if causal:
+                        q_pos = first_pos + iota(s.shape, 0)
+                        visible &= k_pos <= q_pos
+                    s = jnp.where(visible, s, MASK_VALUE)
+                m_new = jnp.maximum(m, s.max(axis=1))
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                if masked:  # a row that has seen no visible key yet would get exp2(0) = 1 here
+                    p = jnp.where(visible, p, 0.0)
+                l = l * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                p = p.astype(dtype)
+                plgpu.barrier_arrive(schedule)  # softmax done: let the other consumer's matmuls go
+                plgpu.barrier_wait(v_ready.at[slot])
+                plgpu.barrier_wait(schedule)
+                acc = matmul_acc(acc, p, v_smem.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l
+
+            def skip(j, carry):
+                """A block only the other consumer needs: wait for it like the others (every
+                thread that waits on a barrier sees each of its phases), release it at once and
+                keep the ping-pong going."""
+                slot = lax.rem(j, jnp.int32(stages))
+                plgpu.barrier_wait(k_ready.at[slot])
+                plgpu.barrier_arrive(k_free.at[slot])
+                plgpu.barrier_wait(v_ready.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+                sync_schedule()
+                sync_schedule()
+                return carry
+
+            carry = (in_wgmma_layout(jnp.zeros((block_q, head_dim), jnp.float32)),
+                     in_wgmma_layout(jnp.full((block_q,), MASK_VALUE, jnp.float32)),
+                     in_wgmma_layout(jnp.zeros((block_q,), jnp.float32)))
+            pl.when(wg == 1)(sync_schedule)  # start half a step behind the first consumer
+            carry = lax.fori_loop(0, n_full, lambda j, c: step(j, c, masked=False), carry)
+            carry = lax.fori_loop(n_full, n_end, lambda j, c: step(j, c, masked=True), carry)
+            acc, m, l = lax.fori_loop(n_end, cta_steps, skip, carry)
+            pl.when(wg == 0)(sync_schedule)
+
+            # Every real row sees key 0 (S >= T), so l >= 1; padding rows are sliced off.
+            q_tile[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
+            lse_tile[...] = m + jnp.log2(l)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_tile, o_ref.at[b, pl.ds(row, block_q), h])
+            plgpu.copy_smem_to_gmem(lse_tile, lse_ref.at[b, h, pl.ds(row, block_q)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == CONSUMERS)
+        def _produce():
+            plgpu.set_max_registers(40, action="decrease")
+            kv_head = lax.div(h, jnp.int32(group))
+
+            def load(j, slot):
+                rows = (b, pl.ds(j * block_k, block_k), kv_head)
+                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
+
+            for j in range(stages):  # fill the ring; a short causal tile may need fewer blocks
+                pl.when(jnp.asarray(cta_steps) > j)(lambda j=j: load(j, j))
+
+            def wait_free(j):
+                slot = lax.rem(j, jnp.int32(stages))
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+                return slot
+
+            @pl.loop(stages, cta_steps)
+            def _refill(j):
+                load(j, wait_free(j - stages))
+
+            # Drain: wait until the consumers release the last blocks, so that no barrier phase
+            # is left unobserved when the shared memory is released.
+            @pl.loop(jnp.maximum(cta_steps - stages, 0), cta_steps)
+            def _drain(j):
+                wait_free(j)
+
+    def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
+        tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        q_tiles = plgpu.SMEM((CONSUMERS, block_q, head_dim), dtype, transforms=tiles)
+        kv_ring = plgpu.SMEM((stages, block_k, head_dim), dtype, transforms=tiles)
+        pl.run_scoped(
+            lambda smem, ready, free, schedule: body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready,
+                                                     free, schedule),
+            (q_tiles, kv_ring, kv_ring, plgpu.SMEM((CONSUMERS, block_q), jnp.float32)),
+            (plgpu.Barrier(num_barriers=CONSUMERS), plgpu.Barrier(num_barriers=stages),
+             plgpu.Barrier(num_barriers=stages)),
+            (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_arrivals=CONSUMERS),
+            collective_axes="wg",
+        )
+
+    return entry

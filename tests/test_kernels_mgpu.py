@@ -1,0 +1,134 @@
+"""The Mosaic GPU (Hopper) flash attention forward, checked without a GPU in two halves.
+
+1. Lowering: the kernel is lowered for the "cuda" platform on this CPU-only machine, through
+   Mosaic GPU down to its sm_90a module, which must hold wgmma, TMA and mbarrier instructions.
+   This is where layouts, tile shapes and transforms are checked.
+2. Protocol: jax's Mosaic GPU interpreter runs the kernel on CPU, with real TMA copies, barriers
+   (it fails on a wait that never completes and on a phase a waiting thread never saw), the
+   ring of K/V slots, the ping-pong between consumers, skipped blocks, masks and the output
+   writes. It lacks layout casts and wgmma with transposed or register operands, so the four
+   register-level helpers of kernels/flash_attention_mgpu.py are swapped for plain jnp
+   equivalents here; those four lines are what this test does not check.
+On a GPU the compiled kernel is compared with the reference (skipped here).
+"""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from kernels import flash_attention_mgpu as mgpu
+from kernels.reference import attention_reference
+
+interpret_params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
+
+
+def random_qkv(batch, q_len, kv_len, heads, kv_heads, head_dim, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(keys[0], (batch, q_len, heads, head_dim), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (batch, kv_len, kv_heads, head_dim), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (batch, kv_len, kv_heads, head_dim), jnp.bfloat16)
+    return q, k, v
+
+
+def reference_lse(q, k, causal):
+    """Base-2 log-sum-exp of the scaled scores per (batch, head, query), in float64."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    k = np.repeat(k, q.shape[2] // k.shape[2], axis=2)
+    s = np.einsum("bthd,bshd->bhts", q, k) * q.shape[-1] ** -0.5
+    if causal:
+        s = np.where(np.tri(q.shape[1], k.shape[1], k.shape[1] - q.shape[1], bool), s, -np.inf)
+    top = s.max(-1, keepdims=True)
+    return (top[..., 0] + np.log(np.exp(s - top).sum(-1))) / np.log(2)
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+LOWER_CASES = {  # batch, T, S, H, Hkv, D, causal
+    "d20": (32, 2048, 2048, 10, 10, 128, True),
+    "d12-blocks": (32, 2048, 2048, 6, 6, 128, True),
+    "gqa2-ragged-d64": (2, 300, 300, 4, 2, 64, True),
+    "mqa5-more-keys": (1, 130, 333, 5, 1, 128, True),
+    "not-causal": (1, 200, 333, 2, 1, 64, False),
+}
+
+
+@pytest.mark.parametrize("case", LOWER_CASES)
+def test_forward_lowers_for_hopper(case):
+    batch, q_len, kv_len, heads, kv_heads, head_dim, causal = LOWER_CASES[case]
+    q = jax.ShapeDtypeStruct((batch, q_len, heads, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((batch, kv_len, kv_heads, head_dim), jnp.bfloat16)
+    forward = jax.jit(lambda q, k, v: mgpu.mgpu_attention_forward(q, k, v, causal=causal))
+    module = forward.trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in module
+    instructions = set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k16\.f32\.bf16\.bf16", module))
+    assert instructions == {"128", str(head_dim)}  # S = Q K^T (N = block_k) and O += P V (N = D)
+    assert "cp.async.bulk.tensor" in module and "mbarrier" in module
+
+
+@pytest.fixture
+def register_ops_in_jnp(monkeypatch):
+    def qkt(q_tile, k_tile, then):
+        s = jnp.dot(q_tile[...], k_tile[...].T, preferred_element_type=jnp.float32)
+        then()
+        return s
+    monkeypatch.setattr(mgpu, "matmul_qkt", qkt)
+    monkeypatch.setattr(mgpu, "matmul_acc", lambda acc, p, v_tile: acc + jnp.dot(
+        p, v_tile[...], preferred_element_type=jnp.float32))
+    monkeypatch.setattr(mgpu, "iota", lambda shape, dim: lax.broadcasted_iota(jnp.int32, shape, dim))
+    monkeypatch.setattr(mgpu, "in_wgmma_layout", lambda x: x)
+
+
+PROTOCOL_CASES = {  # batch, T, S, H, Hkv, D, causal, blocks
+    # 64-key blocks: the first consumer of each CTA needs one block fewer and skips it
+    "skip-blocks-gqa2": (1, 192, 192, 4, 2, 64, True, mgpu.MgpuBlocks(64, 64, 2)),
+    # 5 blocks through a 3-slot ring: refills and the final drain; MQA with 5 query heads
+    "ring-mqa5-d128": (1, 320, 320, 5, 1, 128, True, mgpu.MgpuBlocks(64, 64, 3)),
+    "ragged-more-keys": (2, 130, 333, 2, 2, 64, True, mgpu.MgpuBlocks()),
+    "not-causal-ragged": (1, 100, 333, 2, 1, 64, False, mgpu.MgpuBlocks()),
+}
+
+
+@pytest.mark.parametrize("case", PROTOCOL_CASES)
+def test_forward_protocol_interpreted(case, register_ops_in_jnp):
+    batch, q_len, kv_len, heads, kv_heads, head_dim, causal, blocks = PROTOCOL_CASES[case]
+    q, k, v = random_qkv(batch, q_len, kv_len, heads, kv_heads, head_dim)
+    try:
+        out, lse = mgpu.mgpu_attention_forward(q, k, v, causal=causal, blocks=blocks,
+                                               interpret=interpret_params.InterpretGPUParams())
+    finally:  # the interpreter keeps global state that a failure leaves dirty
+        from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+        interpret_pallas_call.reset_gpu_interpret_mode_state()
+    want = attention_reference(*[x.astype(jnp.float32) for x in (q, k, v)], causal=causal)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert rel_err(out, want) < 1e-2
+    np.testing.assert_allclose(lse, reference_lse(q, k, causal), rtol=1e-4, atol=1e-3)
+
+
+def test_unsupported_inputs_are_refused():
+    q, k, v = random_qkv(1, 64, 64, 2, 2, 64)
+    with pytest.raises(ValueError, match="bf16/fp16"):
+        mgpu.check_supported(q.astype(jnp.float32), k, v, True)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        mgpu.check_supported(q[..., :32], k[..., :32], v[..., :32], True)
+    with pytest.raises(ValueError, match="at least as many keys"):
+        mgpu.check_supported(q, k[:, :32], v[:, :32], True)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        mgpu.MgpuBlocks(block_q=32)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="runs the compiled kernel on a Hopper GPU")
+def test_forward_matches_reference_on_gpu():
+    for batch, q_len, kv_len, heads, kv_heads, head_dim, causal in LOWER_CASES.values():
+        if batch * q_len > 4096:
+            continue
+        q, k, v = random_qkv(batch, q_len, kv_len, heads, kv_heads, head_dim)
+        out, lse = jax.jit(lambda q, k, v: mgpu.mgpu_attention_forward(q, k, v, causal=causal))(q, k, v)
+        want = attention_reference(*[x.astype(jnp.float32) for x in (q, k, v)], causal=causal)
+        assert rel_err(out, want) < 1e-2
+        np.testing.assert_allclose(lse, reference_lse(q, k, causal), rtol=1e-3, atol=1e-2)
