@@ -38,7 +38,7 @@ def base_config(depth: int) -> ConfigDict:
     c.model.rope_base = 10000.0
     c.model.softcap = 15.0
     c.model.compute_dtype = "auto"          # auto: bfloat16 on GPU/TPU, float32 on CPU
-    c.model.attention = "auto"              # auto | xla | cudnn | pallas (auto: cudnn on GPU, else xla)
+    c.model.attention = "auto"              # auto | xla | cudnn | pallas | mosaic (auto: cudnn on GPU, else xla)
     c.model.remat = "none"                  # none | dots | full: rematerialisation of each block
     c.model.loss_chunk = 256                # sequence positions per logits chunk in the loss (0: none)
 

@@ -26,12 +26,12 @@ Verified (CPU, jax 0.10.2, `interpret=True`): outputs and dq/dk/dv against the d
 reference for bf16 and fp32, head dims 64 and 128, GQA ratios 1/2/5, ragged tails, T equal to
 and one past the block size, S > T, non-causal, and block sizes that put the causal diagonal at
 every offset within a block (tests/test_kernels.py). Not verified: no GPU was available, so
-nothing here has been compiled for or timed on a GPU. With `interpret=False` the kernels ask for
-Pallas' Triton backend (deprecated as of JAX 0.11), because the body uses `lax.dot_general`,
-which Mosaic GPU's pallas_call lowering does not implement. A Mosaic GPU version needs a
-rewrite of the matmuls and pipelining (`plgpu.kernel`, TMA copies, `plgpu.wgmma`, as in jax's
-`pallas/ops/gpu/attention_mgpu.py`); the masking, block ranges and online softmax in
-`kernels/common.py` carry over unchanged. Default block sizes are FlashAttention-2's usual
+nothing here has been compiled for or timed on a GPU. With `interpret=False` these kernels ask
+for Pallas' Triton backend (deprecated as of JAX 0.11), because the bodies use
+`lax.dot_general`, which Mosaic GPU's pallas_call lowering does not implement. The Hopper
+forward is written for Mosaic GPU in kernels/flash_attention_mgpu.py (`mosaic_forward=True`)
+and shares this file's log-sum-exp convention, so these backward kernels consume its output; a
+Mosaic GPU backward is still to be written. Default block sizes are FlashAttention-2's usual
 H100 starting points, not tuned.
 """
 import dataclasses
@@ -44,6 +44,7 @@ from jax.experimental import pallas as pl
 
 from kernels.common import (LOG2E, block_size, cdiv, compiler_params, default_interpret, dot,
                             init_softmax_carry, kv_block_range, online_softmax_step, pad_axis, round_up)
+from kernels.flash_attention_mgpu import check_supported, mgpu_attention_forward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +56,10 @@ class BlockSizes:
 
 
 def flash_attention(q, k, v, *, causal: bool = True, block_sizes: BlockSizes = BlockSizes(),
-                    interpret: bool | None = None):
-    """Attention of q (B, T, H, D) over k, v (B, S, Hkv, D); differentiable in q, k, v."""
+                    interpret: bool | None = None, mosaic_forward: bool = False):
+    """Attention of q (B, T, H, D) over k, v (B, S, Hkv, D); differentiable in q, k, v.
+    `mosaic_forward`: run the forward with the Hopper kernel of kernels/flash_attention_mgpu.py
+    (same outputs and log-sum-exp convention), the backward with the kernels below."""
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"expected q (B, T, H, D) and k, v (B, S, Hkv, D); got {q.shape}, {k.shape}, {v.shape}")
     if q.shape[2] % k.shape[2]:
@@ -64,21 +67,31 @@ def flash_attention(q, k, v, *, causal: bool = True, block_sizes: BlockSizes = B
     if causal and k.shape[1] < q.shape[1]:
         raise ValueError(f"causal attention needs at least as many keys ({k.shape[1]}) as queries ({q.shape[1]})")
     interpret = default_interpret() if interpret is None else interpret
-    return _flash(q, k, v, causal, block_sizes, interpret)
+    if mosaic_forward:
+        if interpret:
+            raise ValueError("the Mosaic GPU forward compiles for Hopper GPUs only; it cannot be interpreted here")
+        check_supported(q, k, v, causal)
+    return _flash(q, k, v, causal, block_sizes, interpret, mosaic_forward)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _flash(q, k, v, causal, block_sizes, interpret):
-    return _forward(q, k, v, causal, block_sizes, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _flash(q, k, v, causal, block_sizes, interpret, mosaic_forward):
+    return _either_forward(q, k, v, causal, block_sizes, interpret, mosaic_forward)[0]
 
 
-def _flash_fwd(q, k, v, causal, block_sizes, interpret):
-    out, lse = _forward(q, k, v, causal, block_sizes, interpret)
+def _flash_fwd(q, k, v, causal, block_sizes, interpret, mosaic_forward):
+    out, lse = _either_forward(q, k, v, causal, block_sizes, interpret, mosaic_forward)
     return out, (q, k, v, out, lse)
 
 
-def _flash_bwd(causal, block_sizes, interpret, residuals, d_out):
+def _flash_bwd(causal, block_sizes, interpret, mosaic_forward, residuals, d_out):
     return _backward(*residuals, d_out, causal, block_sizes, interpret)
+
+
+def _either_forward(q, k, v, causal, block_sizes, interpret, mosaic_forward):
+    if mosaic_forward:
+        return mgpu_attention_forward(q, k, v, causal=causal)
+    return _forward(q, k, v, causal, block_sizes, interpret)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

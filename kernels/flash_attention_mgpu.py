@@ -23,13 +23,16 @@ wrapper and masked in the kernel, as there. When one consumer needs fewer KV blo
 other (its rows end earlier), it still arrives on the free and schedule barriers of the blocks
 it skips, so the producer and the ping-pong never wait on it.
 
-Verified here (CPU, jax 0.10.2): the kernel lowers through Mosaic GPU to sm_90a code (wgmma,
-TMA, mbarriers) at the d12/d20/d26 shapes and at small ragged GQA shapes
-(tests/test_kernels.py, lowering for the "cuda" platform on a CPU-only machine). Not verified:
-its numbers. jax 0.10's Mosaic GPU interpreter does not implement layout casts, transposed or
-register wgmma operands, so the kernel cannot run on CPU; a GPU test compares it with the
-reference and skips here. Until that test and bench_attention have run on an H100, the
-`pallas` backend uses it only when asked (`NANOCHAT_MGPU_ATTENTION=1`) and `auto` picks cuDNN.
+Verified here (CPU, jax 0.10.2, tests/test_kernels_mgpu.py): the kernel lowers through Mosaic
+GPU to sm_90a code (wgmma, TMA, mbarriers) at the d12/d20 shapes and at small ragged GQA/MQA
+shapes, lowering for the "cuda" platform on a CPU-only machine; and jax's Mosaic GPU interpreter
+runs its whole TMA/barrier protocol (ring refills, drain, ping-pong, skipped blocks, masks,
+output and lse writes) against the reference, with the four register-level helpers below
+replaced by jnp equivalents because that interpreter lacks layout casts and wgmma with
+transposed or register operands. Not verified: the compiled kernel's numbers and speed (no GPU
+was available); a GPU test compares it with the reference and skips here. It is reached through
+`model.attention=mosaic` (forward here, backward from kernels/flash_attention.py); `auto` keeps
+cuDNN until bench_attention has measured both on an H100.
 """
 import dataclasses
 

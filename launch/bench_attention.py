@@ -1,6 +1,6 @@
 """Benchmark the attention backends: training attention at the models' shapes, and decode.
 
-    python -m launch.bench_attention --config=d20 --shapes=d12,d20,d26 --backends=xla,cudnn,pallas
+    python -m launch.bench_attention --config=d20 --shapes=d12,d20,d26 --backends=xla,cudnn,pallas,mosaic
     python -m launch.bench_attention --config=tiny --batch=2 --seq-len=128 --pallas-interpret  # CPU
 
 Training attention (causal, (B, T, H, Hkv, D) from each config in `--shapes`, default the
@@ -14,6 +14,8 @@ Decode attention (`--decode-tq` new tokens per row against a cache of each `--de
 length, every row full): median time, achieved bandwidth and the memory floor, the time to
 read the K/V cache once at the device's peak HBM bandwidth (None where unknown, e.g. CPU).
 `xla` is the model's cached_attention, `pallas` kernels/decode_attention.py.
+`mosaic` (training only, Hopper only) is the Mosaic GPU forward of
+kernels/flash_attention_mgpu.py with the Pallas backward.
 
 A backend the platform lacks is skipped with a note: cudnn needs a GPU and 16-bit inputs;
 pallas on CPU runs interpreted, very slowly, so only with `--pallas-interpret` (small shapes).
@@ -41,7 +43,7 @@ PEAK_HBM_BYTES = (
     ("H100", 3.35e12),
     ("H200", 4.8e12),
 )
-BACKENDS = ("xla", "cudnn", "pallas")
+BACKENDS = ("xla", "cudnn", "pallas", "mosaic")
 
 
 def add_arguments(parser):
@@ -77,6 +79,10 @@ def skip_reason(backend: str, dtype, allow_interpret: bool) -> str | None:
         return "cudnn needs a GPU"
     if backend == "cudnn" and jnp.dtype(dtype).itemsize != 2:
         return "cudnn needs 16-bit inputs"
+    if backend == "mosaic" and not getattr(jax.devices()[0], "compute_capability", "").startswith("9"):
+        return "mosaic needs a Hopper GPU (compute capability 9.x)"
+    if backend == "mosaic" and jnp.dtype(dtype).itemsize != 2:
+        return "mosaic needs 16-bit inputs"
     if backend == "pallas" and jax.default_backend() == "cpu" and not allow_interpret:
         return "pallas on CPU runs interpreted: pass --pallas-interpret (small shapes only)"
     return None
@@ -97,8 +103,9 @@ def time_call(fn, args, iters: int, warmup: int):
 
 
 def train_attention(backend: str, blocks: BlockSizes):
-    if backend == "pallas":
-        return lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=blocks)
+    if backend in ("pallas", "mosaic"):
+        mosaic = backend == "mosaic"
+        return lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=blocks, mosaic_forward=mosaic)
     return lambda q, k, v: attn_lib.attention(q, k, v, backend=backend, causal=True)
 
 
@@ -211,9 +218,9 @@ def main(argv=None):
             notes.append(f"skipped: {reason}")
         else:
             runnable.append(backend)
-    decode_backends = [b for b in runnable if b != "cudnn"]
-    if "cudnn" in runnable and args.decode_lengths:
-        notes.append("cudnn has no ragged-length decode path here; decode times xla and pallas only")
+    decode_backends = [b for b in runnable if b in ("xla", "pallas")]
+    if {"cudnn", "mosaic"} & set(runnable) and args.decode_lengths:
+        notes.append("cudnn and mosaic have no ragged-length decode path here; decode times xla and pallas only")
 
     train, decode = [], []
     for name, shape in shapes.items():

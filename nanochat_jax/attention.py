@@ -4,8 +4,9 @@
 KV head (K/V are never repeated). `cudnn` is jax.nn.dot_product_attention's fused cuDNN kernel
 with `is_causal` (no dense mask is built). `pallas` is this repo's FlashAttention-2 kernel
 (kernels/flash_attention.py, forward and backward, GQA without repeating K/V); it runs
-interpreted, hence slowly, on CPU and has not yet been compiled or timed on a GPU, so `auto`
-still picks cuDNN on GPU for 16-bit inputs and the reference elsewhere. Layout throughout:
+interpreted, hence slowly, on CPU. `mosaic` (Hopper only) swaps in the FlashAttention-3 style
+forward of kernels/flash_attention_mgpu.py and keeps that backward. Neither has been timed on a
+GPU yet, so `auto` still picks cuDNN on GPU for 16-bit inputs and the reference elsewhere. Layout throughout:
 (batch, seq, heads, head_dim).
 
 A pallas_call has no SPMD partitioning rule, so under a mesh XLA would gather q, k and v whole
@@ -22,12 +23,14 @@ from nanochat_jax import sharding
 
 ATTENTION_AXES = ("batch", None, "act_heads", None)  # the sequence is never split for the kernel
 
-BACKENDS = ("auto", "xla", "cudnn", "pallas")
+BACKENDS = ("auto", "xla", "cudnn", "pallas", "mosaic")
 
 
 def resolve_backend(name: str, dtype) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
+    if name == "mosaic" and jax.default_backend() != "gpu":
+        raise ValueError("attention backend 'mosaic' compiles for Hopper GPUs only; use pallas or xla here")
     if name != "auto":
         return name
     on_gpu = jax.default_backend() == "gpu"
@@ -70,8 +73,9 @@ def attention(q, k, v, *, backend: str = "xla", causal: bool = True):
         return xla_attention(q, k, v, causal=causal)
     if backend == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
-    if backend == "pallas":
-        return per_shard(lambda q, k, v: flash_attention(q, k, v, causal=causal), q, k, v)
+    if backend in ("pallas", "mosaic"):
+        mosaic = backend == "mosaic"
+        return per_shard(lambda q, k, v: flash_attention(q, k, v, causal=causal, mosaic_forward=mosaic), q, k, v)
     raise ValueError(f"attention backend {backend!r} must be resolved first (see resolve_backend)")
 
 

@@ -107,10 +107,13 @@ def test_causal_mask_is_exact_at_block_edges(cut):
 
 
 def test_backend_registry():
-    """`pallas` is selectable; `auto` still never picks it."""
+    """`pallas` and `mosaic` are selectable (mosaic only on a GPU); `auto` never picks them yet."""
     assert "pallas" in attn_lib.BACKENDS
     assert attn_lib.resolve_backend("pallas", jnp.float32) == "pallas"
     assert attn_lib.resolve_backend("auto", jnp.bfloat16) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="Hopper GPUs only"):
+            attn_lib.resolve_backend("mosaic", jnp.bfloat16)
 
 
 def test_model_with_pallas_matches_xla():
@@ -222,8 +225,8 @@ def test_kernels_compile_on_gpu():
 
 @pytest.mark.slow
 def test_bench_attention_runs_on_cpu():
-    """The launcher's CPU smoke run: xla and interpreted pallas agree, cudnn is skipped with a
-    note, decode reports every length, and the last line is JSON."""
+    """The launcher's CPU smoke run: xla and interpreted pallas agree, cudnn and mosaic are
+    skipped with a note, decode reports every length, and the last line is JSON."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run(
         [sys.executable, "-m", "launch.bench_attention", "--config=tiny", "--batch=1", "--seq-len=64",
@@ -236,3 +239,4 @@ def test_bench_attention_runs_on_cpu():
     assert [(r["cache_len"], r["backend"]) for r in result["decode"]] == [
         (512, "xla"), (512, "pallas"), (8192, "xla"), (8192, "pallas")]
     assert any("cudnn" in note for note in result["notes"])
+    assert any("mosaic needs a Hopper GPU" in note for note in result["notes"])

@@ -20,6 +20,7 @@ import pytest
 from jax import lax
 
 from kernels import flash_attention_mgpu as mgpu
+from kernels.flash_attention import flash_attention
 from kernels.reference import attention_reference
 
 interpret_params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
@@ -69,6 +70,23 @@ def test_forward_lowers_for_hopper(case):
     instructions = set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k16\.f32\.bf16\.bf16", module))
     assert instructions == {"128", str(head_dim)}  # S = Q K^T (N = block_k) and O += P V (N = D)
     assert "cp.async.bulk.tensor" in module and "mbarrier" in module
+
+
+def test_mosaic_backend_lowers_with_the_pallas_backward():
+    """flash_attention(mosaic_forward=True) under jax.vjp: the Mosaic GPU forward feeds its
+    output and log-sum-exp to the two Pallas backward kernels, all lowered for the GPU."""
+    q = jax.ShapeDtypeStruct((2, 300, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 300, 2, 128), jnp.bfloat16)
+
+    def forward_backward(q, k, v, d_out):
+        out, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, interpret=False, mosaic_forward=True), q, k, v)
+        return out, vjp(d_out)
+    module = jax.jit(forward_backward).trace(q, kv, kv, q).lower(lowering_platforms=("cuda",)).as_text()
+    calls = re.findall(r"custom_call @([\w$.]+)\(", module)
+    assert sorted(calls) == ["__gpu$xla.gpu.triton"] * 2 + ["mosaic_gpu_v2"], calls
+    with pytest.raises(ValueError, match="cannot be interpreted"):
+        flash_attention(jnp.zeros((1, 64, 2, 64), jnp.bfloat16), *[jnp.zeros((1, 64, 2, 64), jnp.bfloat16)] * 2,
+                        interpret=True, mosaic_forward=True)
 
 
 @pytest.fixture
