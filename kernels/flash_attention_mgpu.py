@@ -32,7 +32,9 @@ replaced by jnp equivalents because that interpreter lacks layout casts and wgmm
 transposed or register operands. Not verified: the compiled kernel's numbers and speed (no GPU
 was available); a GPU test compares it with the reference and skips here. It is reached through
 `model.attention=mosaic` (forward here, backward from kernels/flash_attention.py); `auto` keeps
-cuDNN until bench_attention has measured both on an H100.
+cuDNN until bench_attention has measured both on an H100. Known hazard: jax's own Mosaic GPU
+attention refuses causal masking under CUDA 12.8.0 to 12.9.0 for a ptxas miscompilation; use a
+CUDA outside that range (the project's GPU image has CUDA 13).
 """
 import dataclasses
 
