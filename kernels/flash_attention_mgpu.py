@@ -46,7 +46,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.common import LOG2E, MASK_VALUE, kv_block_range, pad_axis, round_up
 
-CONSUMERS = 2  # compute warpgroups per CTA; a third one is the TMA producer
+CONSUMERS = 2            # compute warpgroups per CTA; a third one is the TMA producer
+SMEM_BYTES = 227 * 1024  # shared memory one H100/H200 CTA may use
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,13 +78,17 @@ def check_supported(q, k, v, causal: bool):
 def mgpu_attention_forward(q, k, v, *, causal: bool = True, blocks: MgpuBlocks = MgpuBlocks(),
                            interpret=None):
     """(out, lse) as described in the module docstring. `interpret`: None to compile, or jax's
-    Mosaic GPU interpreter parameters (tests only; see tests/test_kernels.py)."""
+    Mosaic GPU interpreter parameters (tests only; see tests/test_kernels_mgpu.py)."""
     check_supported(q, k, v, causal)
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     bq, bk = blocks.block_q, blocks.block_k
     tp, sp = round_up(q_len, CONSUMERS * bq), round_up(kv_len, bk)
     stages = min(blocks.stages, sp // bk)
+    smem = 2 * head_dim * (CONSUMERS * bq + 2 * stages * bk) + 4 * CONSUMERS * bq
+    if smem > SMEM_BYTES:
+        raise ValueError(f"{blocks} at head dim {head_dim} needs {smem} bytes of shared memory, more than "
+                         f"Hopper's {SMEM_BYTES}; lower block_k or stages")
     kernel = _make_kernel(q_len=q_len, kv_len=kv_len, group=heads // kv_heads, head_dim=head_dim,
                           block_q=bq, block_k=bk, stages=stages, causal=causal, dtype=q.dtype)
     out, lse = plgpu.kernel(

@@ -6,8 +6,8 @@ with `is_causal` (no dense mask is built). `pallas` is this repo's FlashAttentio
 (kernels/flash_attention.py, forward and backward, GQA without repeating K/V); it runs
 interpreted, hence slowly, on CPU. `mosaic` (Hopper only) swaps in the FlashAttention-3 style
 forward of kernels/flash_attention_mgpu.py and keeps that backward. Neither has been timed on a
-GPU yet, so `auto` still picks cuDNN on GPU for 16-bit inputs and the reference elsewhere. Layout throughout:
-(batch, seq, heads, head_dim).
+GPU yet, so `auto` still picks cuDNN on GPU for 16-bit inputs and the reference elsewhere.
+Layout throughout: (batch, seq, heads, head_dim).
 
 A pallas_call has no SPMD partitioning rule, so under a mesh XLA would gather q, k and v whole
 onto every device and run the kernel replicated. Inside `sharding.activation_rules` the kernel

@@ -23,7 +23,6 @@ from kernels import flash_attention_mgpu as mgpu
 from kernels.flash_attention import flash_attention
 from kernels.reference import attention_reference
 
-interpret_params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
 
 
 def random_qkv(batch, q_len, kv_len, heads, kv_heads, head_dim, seed=0):
@@ -114,14 +113,16 @@ PROTOCOL_CASES = {  # batch, T, S, H, Hkv, D, causal, blocks
 
 @pytest.mark.parametrize("case", PROTOCOL_CASES)
 def test_forward_protocol_interpreted(case, register_ops_in_jnp):
+    # The interpreter is private API of jax 0.10; skip (not fail) where it moved or went.
+    params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
+    interpreter = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call")
     batch, q_len, kv_len, heads, kv_heads, head_dim, causal, blocks = PROTOCOL_CASES[case]
     q, k, v = random_qkv(batch, q_len, kv_len, heads, kv_heads, head_dim)
     try:
         out, lse = mgpu.mgpu_attention_forward(q, k, v, causal=causal, blocks=blocks,
-                                               interpret=interpret_params.InterpretGPUParams())
+                                               interpret=params.InterpretGPUParams())
     finally:  # the interpreter keeps global state that a failure leaves dirty
-        from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
-        interpret_pallas_call.reset_gpu_interpret_mode_state()
+        interpreter.reset_gpu_interpret_mode_state()
     want = attention_reference(*[x.astype(jnp.float32) for x in (q, k, v)], causal=causal)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert rel_err(out, want) < 1e-2
@@ -138,6 +139,9 @@ def test_unsupported_inputs_are_refused():
         mgpu.check_supported(q, k[:, :32], v[:, :32], True)
     with pytest.raises(ValueError, match="multiples of 64"):
         mgpu.MgpuBlocks(block_q=32)
+    q, k, v = random_qkv(1, 256, 256, 2, 2, 256)
+    with pytest.raises(ValueError, match="shared memory"):
+        mgpu.mgpu_attention_forward(q, k, v)  # 2 stages of 128 x 256 K and V tiles: 320 KB
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="runs the compiled kernel on a Hopper GPU")
