@@ -21,6 +21,17 @@ MASK_VALUE = -1e30          # finite, so a fully masked row never computes inf -
 MIN_BLOCK = 16              # smallest matmul tile Triton accepts on tensor cores
 
 
+def check_attention_inputs(q, k, v, causal: bool):
+    """Raise ValueError unless q is (B, T, H, D) and k, v (B, S, Hkv, D) with Hkv dividing H and,
+    with `causal`, S >= T (every query then sees at least key 0)."""
+    if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"expected q (B, T, H, D) and k, v (B, S, Hkv, D); got {q.shape}, {k.shape}, {v.shape}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} KV heads")
+    if causal and k.shape[1] < q.shape[1]:
+        raise ValueError(f"causal attention needs at least as many keys ({k.shape[1]}) as queries ({q.shape[1]})")
+
+
 def default_interpret() -> bool:
     """Pallas kernels compile only for GPU/TPU; everywhere else they run interpreted."""
     return jax.default_backend() == "cpu"

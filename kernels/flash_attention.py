@@ -42,8 +42,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels.common import (LOG2E, block_size, cdiv, compiler_params, default_interpret, dot,
-                            init_softmax_carry, kv_block_range, online_softmax_step, pad_axis, round_up)
+from kernels.common import (LOG2E, block_size, cdiv, check_attention_inputs, compiler_params, default_interpret,
+                            dot, init_softmax_carry, kv_block_range, online_softmax_step, pad_axis, round_up)
 from kernels.flash_attention_mgpu import check_supported, mgpu_attention_forward
 
 
@@ -60,17 +60,10 @@ def flash_attention(q, k, v, *, causal: bool = True, block_sizes: BlockSizes = B
     """Attention of q (B, T, H, D) over k, v (B, S, Hkv, D); differentiable in q, k, v.
     `mosaic_forward`: run the forward with the Hopper kernel of kernels/flash_attention_mgpu.py
     (same outputs and log-sum-exp convention), the backward with the kernels below."""
-    if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"expected q (B, T, H, D) and k, v (B, S, Hkv, D); got {q.shape}, {k.shape}, {v.shape}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} KV heads")
-    if causal and k.shape[1] < q.shape[1]:
-        raise ValueError(f"causal attention needs at least as many keys ({k.shape[1]}) as queries ({q.shape[1]})")
+    (check_supported if mosaic_forward else check_attention_inputs)(q, k, v, causal)
     interpret = default_interpret() if interpret is None else interpret
-    if mosaic_forward:
-        if interpret:
-            raise ValueError("the Mosaic GPU forward compiles for Hopper GPUs only; it cannot be interpreted here")
-        check_supported(q, k, v, causal)
+    if mosaic_forward and interpret:
+        raise ValueError("the Mosaic GPU forward compiles for Hopper GPUs only; it cannot be interpreted here")
     return _flash(q, k, v, causal, block_sizes, interpret, mosaic_forward)
 
 

@@ -44,7 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels.common import LOG2E, MASK_VALUE, kv_block_range, pad_axis, round_up
+from kernels.common import LOG2E, MASK_VALUE, check_attention_inputs, kv_block_range, pad_axis, round_up
 
 CONSUMERS = 2            # compute warpgroups per CTA; a third one is the TMA producer
 SMEM_BYTES = 227 * 1024  # shared memory one H100/H200 CTA may use
@@ -63,16 +63,11 @@ class MgpuBlocks:
 
 def check_supported(q, k, v, causal: bool):
     """Raise ValueError unless this kernel handles these inputs (the caller can fall back)."""
-    if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"expected q (B, T, H, D) and k, v (B, S, Hkv, D); got {q.shape}, {k.shape}, {v.shape}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} KV heads")
+    check_attention_inputs(q, k, v, causal)
     if not q.dtype == k.dtype == v.dtype or jnp.dtype(q.dtype).itemsize != 2:
         raise ValueError(f"the Mosaic GPU kernel takes bf16/fp16 q, k, v, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[3] % 64 or q.shape[3] > 256:
         raise ValueError(f"head dim {q.shape[3]} is not a multiple of 64 up to 256")
-    if causal and k.shape[1] < q.shape[1]:
-        raise ValueError(f"causal attention needs at least as many keys ({k.shape[1]}) as queries ({q.shape[1]})")
 
 
 def mgpu_attention_forward(q, k, v, *, causal: bool = True, blocks: MgpuBlocks = MgpuBlocks(),

@@ -33,16 +33,10 @@ from kernels.decode_attention import decode_attention
 from kernels.flash_attention import BlockSizes, flash_attention
 from launch import run
 from nanochat_jax import attention as attn_lib
+from nanochat_jax import hardware
 from nanochat_jax.config import config_from_args, load_config
 from nanochat_jax.model import GPTConfig
 
-# (substring of jax's device_kind, peak HBM bytes/s). First match wins: specific names first.
-PEAK_HBM_BYTES = (
-    ("H100 PCIe", 2.0e12),
-    ("H100 NVL", 3.9e12),
-    ("H100", 3.35e12),
-    ("H200", 4.8e12),
-)
 BACKENDS = ("xla", "cudnn", "pallas", "mosaic")
 
 
@@ -64,12 +58,6 @@ def add_arguments(parser):
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
-
-
-def peak_hbm_bytes_per_s(device) -> float | None:
-    if device.platform == "cpu":
-        return None
-    return next((bw for name, bw in PEAK_HBM_BYTES if name in device.device_kind), None)
 
 
 def skip_reason(backend: str, dtype, allow_interpret: bool) -> str | None:
@@ -157,7 +145,7 @@ def bench_train(name, shape, backends, dtype, blocks, args, notes) -> list[dict]
 def bench_decode(name, shape, lengths, backends, dtype, args, notes) -> list[dict]:
     _, _, heads, kv_heads, head_dim = shape
     batch, q_len = args.decode_batch, args.decode_tq
-    bandwidth = peak_hbm_bytes_per_s(jax.devices()[0])
+    bandwidth = hardware.memory_bandwidth(jax.devices()[0])
     rows = []
     for length in lengths:
         keys = jax.random.split(jax.random.key(1), 3)

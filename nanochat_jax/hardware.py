@@ -29,15 +29,17 @@ PEAK_BF16_FLOPS = (
 )
 
 
-def peak_flops(device=None) -> float | None:
-    """Dense bf16 peak of one device, or None where unknown (CPU, unlisted GPUs)."""
+def _lookup(table, device) -> float | None:
+    """The first entry of `table` whose name is in the device's kind; None on CPU or if unlisted."""
     device = jax.devices()[0] if device is None else device
     if device.platform == "cpu":
         return None
-    for name, flops in PEAK_BF16_FLOPS:
-        if name in device.device_kind:
-            return flops
-    return None
+    return next((value for name, value in table if name in device.device_kind), None)
+
+
+def peak_flops(device=None) -> float | None:
+    """Dense bf16 peak of one device, or None where unknown (CPU, unlisted GPUs)."""
+    return _lookup(PEAK_BF16_FLOPS, device)
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, num_devices: int, device=None) -> float | None:
@@ -66,10 +68,7 @@ MEMORY_BANDWIDTH = (
 
 def memory_bandwidth(device=None) -> float | None:
     """Memory bytes/s of one device, or None where unknown (CPU, unlisted devices)."""
-    device = jax.devices()[0] if device is None else device
-    if device.platform == "cpu":
-        return None
-    return next((bw for name, bw in MEMORY_BANDWIDTH if name in device.device_kind), None)
+    return _lookup(MEMORY_BANDWIDTH, device)
 
 
 def peak_memory_bytes() -> int | None:
