@@ -77,6 +77,18 @@ def kv_block_range(first_pos, block_q: int, block_k: int, kv_len: int, causal: b
     return jnp.minimum(lax.div(first_pos + 1, block_k), n_end), n_end
 
 
+def q_block_range(start_k, block_q: int, block_k: int, n_q: int, q_len: int, kv_len: int, causal: bool):
+    """Query blocks that see KV block [start_k, start_k + block_k), split as [lo, mid) masked and
+    [mid, n_q) unmasked (the transpose of kv_block_range), with lo <= mid <= n_q. Padded keys
+    need no mask here: their dK and dV rows are sliced off, and no other output depends on them."""
+    if not causal:
+        return 0, 0
+    offset = kv_len - q_len
+    lo = jnp.minimum(lax.div(jnp.maximum(start_k - offset, 0), block_q), n_q)
+    mid = cdiv(jnp.maximum(start_k + block_k - 1 - offset, 0), block_q)
+    return lo, jnp.clip(mid, lo, n_q)
+
+
 def dot(a, b, contract=(1, 0)):
     """2-D matmul contracting a's dim contract[0] with b's dim contract[1], accumulated in fp32."""
     return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),

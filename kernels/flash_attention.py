@@ -28,11 +28,10 @@ and one past the block size, S > T, non-causal, and block sizes that put the cau
 every offset within a block (tests/test_kernels.py). Not verified: no GPU was available, so
 nothing here has been compiled for or timed on a GPU. With `interpret=False` these kernels ask
 for Pallas' Triton backend (deprecated as of JAX 0.11), because the bodies use
-`lax.dot_general`, which Mosaic GPU's pallas_call lowering does not implement. The Hopper
-forward is written for Mosaic GPU in kernels/flash_attention_mgpu.py (`mosaic_forward=True`)
-and shares this file's log-sum-exp convention, so these backward kernels consume its output; a
-Mosaic GPU backward is still to be written. Default block sizes are FlashAttention-2's usual
-H100 starting points, not tuned.
+`lax.dot_general`, which Mosaic GPU's pallas_call lowering does not implement. The Hopper path
+is written for Mosaic GPU instead (`mosaic=True`): kernels/flash_attention_mgpu.py forward and
+kernels/flash_attention_mgpu_bwd.py backward, with this file's residuals and log-sum-exp
+convention. Default block sizes are FlashAttention-2's usual H100 starting points, not tuned.
 """
 import dataclasses
 import functools
@@ -42,9 +41,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels.common import (LOG2E, block_size, cdiv, check_attention_inputs, compiler_params, default_interpret,
-                            dot, init_softmax_carry, kv_block_range, online_softmax_step, pad_axis, round_up)
+from kernels.common import (LOG2E, block_size, check_attention_inputs, compiler_params, default_interpret,
+                            dot, init_softmax_carry, kv_block_range, online_softmax_step, pad_axis, q_block_range,
+                            round_up)
 from kernels.flash_attention_mgpu import check_supported, mgpu_attention_forward
+from kernels.flash_attention_mgpu_bwd import BACKWARD_BLOCKS, mgpu_attention_backward
+from kernels.mgpu_ops import MgpuBlocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,53 +58,62 @@ class BlockSizes:
 
 
 def flash_attention(q, k, v, *, causal: bool = True, block_sizes: BlockSizes = BlockSizes(),
-                    interpret: bool | None = None, mosaic_forward: bool = False):
+                    interpret: bool | None = None, mosaic: bool = False,
+                    mosaic_blocks: tuple[MgpuBlocks, MgpuBlocks] = (MgpuBlocks(), BACKWARD_BLOCKS)):
     """Attention of q (B, T, H, D) over k, v (B, S, Hkv, D); differentiable in q, k, v.
-    `mosaic_forward`: run the forward with the Hopper kernel of kernels/flash_attention_mgpu.py
-    (same outputs and log-sum-exp convention), the backward with the kernels below."""
-    (check_supported if mosaic_forward else check_attention_inputs)(q, k, v, causal)
+    `mosaic`: run the Hopper kernels instead, kernels/flash_attention_mgpu.py forward and
+    kernels/flash_attention_mgpu_bwd.py backward, with `mosaic_blocks` (forward, backward)."""
+    (check_supported if mosaic else check_attention_inputs)(q, k, v, causal)
     interpret = default_interpret() if interpret is None else interpret
-    if mosaic_forward and interpret:
-        raise ValueError("the Mosaic GPU forward compiles for Hopper GPUs only; it cannot be interpreted here")
-    return _flash(q, k, v, causal, block_sizes, interpret, mosaic_forward)
+    if mosaic and interpret:
+        raise ValueError("the Mosaic GPU kernels compile for Hopper GPUs only; they cannot be interpreted here")
+    return _flash(q, k, v, causal, _Mosaic(*mosaic_blocks) if mosaic else _Pallas(block_sizes, interpret))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _flash(q, k, v, causal, block_sizes, interpret, mosaic_forward):
-    return _either_forward(q, k, v, causal, block_sizes, interpret, mosaic_forward)[0]
+@dataclasses.dataclass(frozen=True)
+class _Pallas:
+    """The kernels of this file, interpreted or compiled with Triton."""
+    blocks: BlockSizes
+    interpret: bool
+
+    def forward(self, q, k, v, causal):
+        return _forward(q, k, v, causal, self.blocks, self.interpret)
+
+    def backward(self, q, k, v, out, lse, d_out, causal):
+        return _backward(q, k, v, out, lse, d_out, causal, self.blocks, self.interpret)
 
 
-def _flash_fwd(q, k, v, causal, block_sizes, interpret, mosaic_forward):
-    out, lse = _either_forward(q, k, v, causal, block_sizes, interpret, mosaic_forward)
+@dataclasses.dataclass(frozen=True)
+class _Mosaic:
+    """The Hopper kernels, written for Mosaic GPU; same residuals (out, base-2 lse) as _Pallas."""
+    forward_blocks: MgpuBlocks
+    backward_blocks: MgpuBlocks
+
+    def forward(self, q, k, v, causal):
+        return mgpu_attention_forward(q, k, v, causal=causal, blocks=self.forward_blocks)
+
+    def backward(self, q, k, v, out, lse, d_out, causal):
+        return mgpu_attention_backward(q, k, v, out, lse, d_out, causal=causal, blocks=self.backward_blocks)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _flash(q, k, v, causal, kernels):
+    return kernels.forward(q, k, v, causal)[0]
+
+
+def _flash_fwd(q, k, v, causal, kernels):
+    out, lse = kernels.forward(q, k, v, causal)
     return out, (q, k, v, out, lse)
 
 
-def _flash_bwd(causal, block_sizes, interpret, mosaic_forward, residuals, d_out):
-    return _backward(*residuals, d_out, causal, block_sizes, interpret)
-
-
-def _either_forward(q, k, v, causal, block_sizes, interpret, mosaic_forward):
-    if mosaic_forward:
-        return mgpu_attention_forward(q, k, v, causal=causal)
-    return _forward(q, k, v, causal, block_sizes, interpret)
+def _flash_bwd(causal, kernels, residuals, d_out):
+    return kernels.backward(*residuals, d_out, causal)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 # ---- block ranges and masks ----------------------------------------------------------------------
-
-def _q_range(start_k, block_q: int, block_k: int, n_q: int, q_len: int, kv_len: int, causal: bool):
-    """Query blocks that see KV block [start_k, start_k + block_k), split as [lo, mid) masked and
-    [mid, n_q) unmasked (the transpose of kv_block_range). Padded keys need no mask here: their dK
-    and dV rows are sliced off, and no other output depends on them."""
-    if not causal:
-        return 0, 0
-    offset = kv_len - q_len
-    lo = lax.div(jnp.maximum(start_k - offset, 0), block_q)
-    mid = cdiv(jnp.maximum(start_k + block_k - 1 - offset, 0), block_q)
-    return lo, jnp.clip(mid, lo, n_q)
-
 
 def _mask(q_pos, k_pos, kv_len: int, causal: bool):
     """q_pos (rows, 1) as key positions, k_pos (1, cols): real keys, and not in the future."""
@@ -210,7 +221,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
         ds = p * (dot(do, v, (1, 1)) - delta)
         return dk + dot(ds.astype(q.dtype), q, (0, 0)), dv
 
-    lo, mid = _q_range(start_k, block_q, block_k, n_q, q_len, kv_len, causal)
+    lo, mid = q_block_range(start_k, block_q, block_k, n_q, q_len, kv_len, causal)
 
     def over_group(g, carry):
         carry = lax.fori_loop(lo, mid, functools.partial(body, g=g, masked=True), carry)

@@ -27,38 +27,25 @@ Verified here (CPU, jax 0.10.2, tests/test_kernels_mgpu.py): the kernel lowers t
 GPU to sm_90a code (wgmma, TMA, mbarriers) at the d12/d20 shapes and at small ragged GQA/MQA
 shapes, lowering for the "cuda" platform on a CPU-only machine; and jax's Mosaic GPU interpreter
 runs its whole TMA/barrier protocol (ring refills, drain, ping-pong, skipped blocks, masks,
-output and lse writes) against the reference, with the four register-level helpers below
-replaced by jnp equivalents because that interpreter lacks layout casts and wgmma with
-transposed or register operands. Not verified: the compiled kernel's numbers and speed (no GPU
-was available); a GPU test compares it with the reference and skips here. It is reached through
-`model.attention=mosaic` (forward here, backward from kernels/flash_attention.py); `auto` keeps
-cuDNN until bench_attention has measured both on an H100. Known hazard: jax's own Mosaic GPU
-attention refuses causal masking under CUDA 12.8.0 to 12.9.0 for a ptxas miscompilation; use a
-CUDA outside that range (the project's GPU image has CUDA 13).
+output and lse writes) against the reference, with the register-level operations of
+kernels/mgpu_ops.py replaced by jnp equivalents because that interpreter lacks layout casts and
+wgmma with transposed or register operands. Not verified: the compiled kernel's numbers and
+speed (no GPU was available); a GPU test compares it with the reference and skips here. It is
+reached through `model.attention=mosaic`, with the backward of
+kernels/flash_attention_mgpu_bwd.py; `auto` keeps cuDNN until bench_attention has measured both
+on an H100. Known hazard: jax's own Mosaic GPU attention refuses causal masking under CUDA
+12.8.0 to 12.9.0 for a ptxas miscompilation; use a CUDA outside that range (the project's GPU
+image has CUDA 13).
 """
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels import mgpu_ops as ops
 from kernels.common import LOG2E, MASK_VALUE, check_attention_inputs, kv_block_range, pad_axis, round_up
-
-CONSUMERS = 2            # compute warpgroups per CTA; a third one is the TMA producer
-SMEM_BYTES = 227 * 1024  # shared memory one H100/H200 CTA may use
-
-
-@dataclasses.dataclass(frozen=True)
-class MgpuBlocks:
-    block_q: int = 64    # query rows per consumer warpgroup (wgmma's M is 64)
-    block_k: int = 128   # keys per pipeline step
-    stages: int = 2      # K/V slots in flight
-
-    def __post_init__(self):
-        if self.block_q % 64 or self.block_k % 64 or self.stages < 2:
-            raise ValueError(f"block_q and block_k must be multiples of 64 and stages >= 2, got {self}")
+from kernels.mgpu_ops import CONSUMERS, MgpuBlocks
 
 
 def check_supported(q, k, v, causal: bool):
@@ -80,60 +67,25 @@ def mgpu_attention_forward(q, k, v, *, causal: bool = True, blocks: MgpuBlocks =
     bq, bk = blocks.block_q, blocks.block_k
     tp, sp = round_up(q_len, CONSUMERS * bq), round_up(kv_len, bk)
     stages = min(blocks.stages, sp // bk)
-    smem = 2 * head_dim * (CONSUMERS * bq + 2 * stages * bk) + 4 * CONSUMERS * bq
-    if smem > SMEM_BYTES:
-        raise ValueError(f"{blocks} at head dim {head_dim} needs {smem} bytes of shared memory, more than "
-                         f"Hopper's {SMEM_BYTES}; lower block_k or stages")
-    kernel = _make_kernel(q_len=q_len, kv_len=kv_len, group=heads // kv_heads, head_dim=head_dim,
-                          block_q=bq, block_k=bk, stages=stages, causal=causal, dtype=q.dtype)
-    out, lse = plgpu.kernel(
-        kernel,
+    ops.check_smem(2 * head_dim * (CONSUMERS * bq + 2 * stages * bk) + 4 * CONSUMERS * bq, blocks, head_dim)
+    body, scratch = _forward_kernel(q_len=q_len, kv_len=kv_len, group=heads // kv_heads, head_dim=head_dim,
+                                    block_q=bq, block_k=bk, stages=stages, causal=causal, dtype=q.dtype)
+    out, lse = ops.warp_specialized(
+        body, scratch,
         out_type=[jax.ShapeDtypeStruct((batch, tp, heads, head_dim), q.dtype),
                   jax.ShapeDtypeStruct((batch, heads, tp), jnp.float32)],
-        grid=(heads, tp // (CONSUMERS * bq), batch),
-        grid_names=("heads", "q_tile", "batch"),
-        num_threads=CONSUMERS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpret,
+        grid=(heads, tp // (CONSUMERS * bq), batch), grid_names=("heads", "q_tile", "batch"), interpret=interpret,
     )(pad_axis(q, 1, tp), pad_axis(k, 1, sp), pad_axis(v, 1, sp))
     return out[:, :q_len], lse[:, :, :q_len]
 
 
-# ---- the register-level operations, kept apart so that tests can run the rest interpreted -----
-
-def matmul_qkt(q_tile, k_tile, then):
-    """Q K^T in fp32 from two shared-memory tiles (K transposed by the wgmma descriptor, not
-    moved); `then` runs while the wgmma is in flight."""
-    def issue(acc_ref):
-        plgpu.wgmma(acc_ref, q_tile, plgpu.transpose_ref(k_tile, (1, 0)))
-        then()
-        return acc_ref[...]
-    return pl.run_scoped(issue, plgpu.ACC((q_tile.shape[0], k_tile.shape[0]), jnp.float32))
-
-
-def matmul_acc(acc, p, v_tile):
-    """acc + P V: acc fp32 in registers (wgmma layout), P 16-bit in registers, V in shared memory."""
-    def issue(acc_ref):
-        plgpu.wgmma(acc_ref, p, v_tile)
-    return pl.run_state(issue)(plgpu.ACC.init(acc))
-
-
-def iota(shape, dim):
-    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
-
-
-def in_wgmma_layout(x):
-    """A (rows, cols) array in wgmma's accumulator layout, a (rows,) one in its row layout."""
-    return plgpu.layout_cast(x, plgpu.Layout.WGMMA if x.ndim == 2 else plgpu.Layout.WGMMA.reduce(1))
-
-
-def _make_kernel(*, q_len, kv_len, group, head_dim, block_q, block_k, stages, causal, dtype):
+def _forward_kernel(*, q_len, kv_len, group, head_dim, block_q, block_k, stages, causal, dtype):
     score_scale = head_dim ** -0.5 * LOG2E  # scores in base 2, as everywhere in kernels/
     offset = kv_len - q_len                 # key position of query 0
     rows_per_cta = CONSUMERS * block_q
 
-    def body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, schedule):
+    def body(refs, smem, ready, free, schedule):
+        q_ref, k_ref, v_ref, o_ref, lse_ref = refs
         q_smem, k_smem, v_smem, lse_smem = smem
         q_ready, k_ready, v_ready = ready
         k_free, v_free = free
@@ -149,7 +101,7 @@ def _make_kernel(*, q_len, kv_len, group, head_dim, block_q, block_k, stages, ca
 
         @pl.when(wg < CONSUMERS)
         def _consume():
-            plgpu.set_max_registers(232, action="increase")
+            plgpu.set_max_registers(ops.CONSUMER_REGISTERS, action="increase")
             row = cta_row + wg * block_q
             first_pos = row + offset
             n_full, n_end = kv_block_range(first_pos, block_q, block_k, kv_len, causal)
@@ -162,14 +114,10 @@ def _make_kernel(*, q_len, kv_len, group, head_dim, block_q, block_k, stages, ca
                 slot = lax.rem(j, jnp.int32(stages))
                 plgpu.barrier_wait(k_ready.at[slot])
 
-                s = matmul_qkt(q_tile, k_smem.at[slot], then=sync_schedule) * score_scale
+                s = ops.matmul_nt(q_tile, k_smem.at[slot], then=sync_schedule) * score_scale
                 plgpu.barrier_arrive(k_free.at[slot])
                 if masked:
-                    k_pos = j * block_k + iota(s.shape, 1)
-                    visible = k_pos < kv_len
-                    if causal:
-                        q_pos = first_pos + iota(s.shape, 0)
-                        visible &= k_pos <= q_pos
+                    visible = ops.visible(s.shape, first_pos, j * block_k, kv_len, causal)
                     s = jnp.where(visible, s, MASK_VALUE)
                 m_new = jnp.maximum(m, s.max(axis=1))
                 alpha = jnp.exp2(m - m_new)
@@ -182,7 +130,7 @@ def _make_kernel(*, q_len, kv_len, group, head_dim, block_q, block_k, stages, ca
                 plgpu.barrier_arrive(schedule)  # softmax done: let the other consumer's matmuls go
                 plgpu.barrier_wait(v_ready.at[slot])
                 plgpu.barrier_wait(schedule)
-                acc = matmul_acc(acc, p, v_smem.at[slot])
+                acc = ops.matmul_acc(acc, p, v_smem.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l
 
@@ -199,9 +147,9 @@ def _make_kernel(*, q_len, kv_len, group, head_dim, block_q, block_k, stages, ca
                 sync_schedule()
                 return carry
 
-            carry = (in_wgmma_layout(jnp.zeros((block_q, head_dim), jnp.float32)),
-                     in_wgmma_layout(jnp.full((block_q,), MASK_VALUE, jnp.float32)),
-                     in_wgmma_layout(jnp.zeros((block_q,), jnp.float32)))
+            carry = (ops.in_wgmma_layout(jnp.zeros((block_q, head_dim), jnp.float32)),
+                     ops.in_wgmma_layout(jnp.full((block_q,), MASK_VALUE, jnp.float32)),
+                     ops.in_wgmma_layout(jnp.zeros((block_q,), jnp.float32)))
             pl.when(wg == 1)(sync_schedule)  # start half a step behind the first consumer
             carry = lax.fori_loop(0, n_full, lambda j, c: step(j, c, masked=False), carry)
             carry = lax.fori_loop(n_full, n_end, lambda j, c: step(j, c, masked=True), carry)
@@ -218,7 +166,6 @@ def _make_kernel(*, q_len, kv_len, group, head_dim, block_q, block_k, stages, ca
 
         @pl.when(wg == CONSUMERS)
         def _produce():
-            plgpu.set_max_registers(40, action="decrease")
             kv_head = lax.div(h, jnp.int32(group))
 
             def load(j, slot):
@@ -226,38 +173,16 @@ def _make_kernel(*, q_len, kv_len, group, head_dim, block_q, block_k, stages, ca
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
 
-            for j in range(stages):  # fill the ring; a short causal tile may need fewer blocks
-                pl.when(jnp.asarray(cta_steps) > j)(lambda j=j: load(j, j))
-
-            def wait_free(j):
-                slot = lax.rem(j, jnp.int32(stages))
+            def wait_free(slot):
                 plgpu.barrier_wait(k_free.at[slot])
                 plgpu.barrier_wait(v_free.at[slot])
-                return slot
 
-            @pl.loop(stages, cta_steps)
-            def _refill(j):
-                load(j, wait_free(j - stages))
+            ops.produce_ring(cta_steps, stages, load, wait_free)
 
-            # Drain: wait until the consumers release the last blocks, so that no barrier phase
-            # is left unobserved when the shared memory is released.
-            @pl.loop(jnp.maximum(cta_steps - stages, 0), cta_steps)
-            def _drain(j):
-                wait_free(j)
-
-    def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
-        tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-        q_tiles = plgpu.SMEM((CONSUMERS, block_q, head_dim), dtype, transforms=tiles)
-        kv_ring = plgpu.SMEM((stages, block_k, head_dim), dtype, transforms=tiles)
-        pl.run_scoped(
-            lambda smem, ready, free, schedule: body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready,
-                                                     free, schedule),
-            (q_tiles, kv_ring, kv_ring, plgpu.SMEM((CONSUMERS, block_q), jnp.float32)),
-            (plgpu.Barrier(num_barriers=CONSUMERS), plgpu.Barrier(num_barriers=stages),
-             plgpu.Barrier(num_barriers=stages)),
-            (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),) * 2,
-            plgpu.Barrier(num_arrivals=CONSUMERS),
-            collective_axes="wg",
-        )
-
-    return entry
+    scratch = ((ops.tile_smem((CONSUMERS, block_q, head_dim), dtype), ops.tile_smem((stages, block_k, head_dim), dtype),
+                ops.tile_smem((stages, block_k, head_dim), dtype), plgpu.SMEM((CONSUMERS, block_q), jnp.float32)),
+               (plgpu.Barrier(num_barriers=CONSUMERS), plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_barriers=stages)),
+               (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),) * 2,
+               plgpu.Barrier(num_arrivals=CONSUMERS))
+    return body, scratch

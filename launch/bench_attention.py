@@ -14,8 +14,8 @@ Decode attention (`--decode-tq` new tokens per row against a cache of each `--de
 length, every row full): median time, achieved bandwidth and the memory floor, the time to
 read the K/V cache once at the device's peak HBM bandwidth (None where unknown, e.g. CPU).
 `xla` is the model's cached_attention, `pallas` kernels/decode_attention.py.
-`mosaic` (training only, Hopper only) is the Mosaic GPU forward of
-kernels/flash_attention_mgpu.py with the Pallas backward.
+`mosaic` (training only, Hopper only) is the Mosaic GPU forward and backward of
+kernels/flash_attention_mgpu.py and kernels/flash_attention_mgpu_bwd.py.
 
 A backend the platform lacks is skipped with a note: cudnn needs a GPU and 16-bit inputs;
 pallas on CPU runs interpreted, very slowly, so only with `--pallas-interpret` (small shapes).
@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from kernels.decode_attention import decode_attention
 from kernels.flash_attention import BlockSizes, flash_attention
+from kernels.mgpu_ops import MgpuBlocks
 from launch import run
 from nanochat_jax import attention as attn_lib
 from nanochat_jax import hardware
@@ -51,6 +52,8 @@ def add_arguments(parser):
     parser.add_argument("--decode-batch", type=int, default=8)
     parser.add_argument("--decode-tq", type=int, default=1, help="new tokens per row")
     parser.add_argument("--pallas-blocks", default="128,128,64,64", help="block_q,block_k,block_q_bwd,block_k_bwd")
+    parser.add_argument("--mosaic-blocks", default="64,128,2,64,64,2",
+                        help="block_q,block_k,stages of the mosaic forward, then of its backward")
     parser.add_argument("--pallas-interpret", action="store_true", help="run pallas interpreted on CPU (slow)")
     parser.add_argument("--iters", type=int, default=10, help="timed calls per measurement")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls after compilation")
@@ -90,10 +93,11 @@ def time_call(fn, args, iters: int, warmup: int):
     return statistics.median(times), out
 
 
-def train_attention(backend: str, blocks: BlockSizes):
-    if backend in ("pallas", "mosaic"):
-        mosaic = backend == "mosaic"
-        return lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=blocks, mosaic_forward=mosaic)
+def train_attention(backend: str, blocks: BlockSizes, mosaic_blocks: tuple[MgpuBlocks, MgpuBlocks]):
+    if backend == "pallas":
+        return lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=blocks)
+    if backend == "mosaic":
+        return lambda q, k, v: flash_attention(q, k, v, causal=True, mosaic=True, mosaic_blocks=mosaic_blocks)
     return lambda q, k, v: attn_lib.attention(q, k, v, backend=backend, causal=True)
 
 
@@ -109,7 +113,7 @@ def relative_error(a, b) -> float:
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def bench_train(name, shape, backends, dtype, blocks, args, notes) -> list[dict]:
+def bench_train(name, shape, backends, dtype, kernel_blocks, args, notes) -> list[dict]:
     batch, seq, heads, kv_heads, head_dim = shape
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (batch, seq, heads, head_dim), dtype)
@@ -121,7 +125,7 @@ def bench_train(name, shape, backends, dtype, blocks, args, notes) -> list[dict]
     for backend in backends:
         row = dict(shape=name, batch=batch, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                    backend=backend, fwd_s=None, fwd_tflops=None, fwd_bwd_s=None, fwd_bwd_tflops=None, err=None)
-        fn = train_attention(backend, blocks)
+        fn = train_attention(backend, *kernel_blocks)
         try:
             row["fwd_s"], out = time_call(fn, (q, k, v), args.iters, args.warmup)
             row["fwd_bwd_s"], _ = time_call(forward_backward(fn), (q, k, v, d_out), args.iters, args.warmup)
@@ -193,7 +197,13 @@ def main(argv=None):
         raise SystemExit("--iters must be >= 1 and --warmup >= 0")
     dtype = jnp.dtype(args.dtype if args.dtype != "auto" else
                       ("float32" if jax.default_backend() == "cpu" else "bfloat16"))
-    blocks = BlockSizes(*_ints(args.pallas_blocks))
+    mosaic = _ints(args.mosaic_blocks)
+    if len(mosaic) != 6:
+        raise SystemExit(f"--mosaic-blocks takes 6 numbers, got {args.mosaic_blocks!r}")
+    try:
+        kernel_blocks = (BlockSizes(*_ints(args.pallas_blocks)), (MgpuBlocks(*mosaic[:3]), MgpuBlocks(*mosaic[3:])))
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"bad --pallas-blocks or --mosaic-blocks: {err}")
     shapes = {name: model_shape(load_config(name), args) for name in args.shapes.split(",") if name}
     shapes = shapes or {cfg.name: model_shape(cfg, args)}
     device = jax.devices()[0]
@@ -212,13 +222,13 @@ def main(argv=None):
 
     train, decode = [], []
     for name, shape in shapes.items():
-        train += bench_train(name, shape, runnable, dtype, blocks, args, notes)
+        train += bench_train(name, shape, runnable, dtype, kernel_blocks, args, notes)
         decode += bench_decode(name, shape, _ints(args.decode_lengths), decode_backends, dtype, args, notes)
     for note in notes:
         print(f"note: {note}")
     result = dict(device_kind=device.device_kind, platform=jax.default_backend(), jax=jax.__version__,
-                  dtype=dtype.name, pallas_blocks=_ints(args.pallas_blocks), train=train, decode=decode,
-                  notes=notes)
+                  dtype=dtype.name, pallas_blocks=_ints(args.pallas_blocks), mosaic_blocks=mosaic, train=train,
+                  decode=decode, notes=notes)
     print(json.dumps(result))
     return result
 

@@ -4,9 +4,10 @@
 KV head (K/V are never repeated). `cudnn` is jax.nn.dot_product_attention's fused cuDNN kernel
 with `is_causal` (no dense mask is built). `pallas` is this repo's FlashAttention-2 kernel
 (kernels/flash_attention.py, forward and backward, GQA without repeating K/V); it runs
-interpreted, hence slowly, on CPU. `mosaic` (Hopper only) swaps in the FlashAttention-3 style
-forward of kernels/flash_attention_mgpu.py and keeps that backward. Neither has been timed on a
-GPU yet, so `auto` still picks cuDNN on GPU for 16-bit inputs and the reference elsewhere.
+interpreted, hence slowly, on CPU. `mosaic` (Hopper only) swaps in the kernels written for
+Mosaic GPU: the FlashAttention-3 style forward of kernels/flash_attention_mgpu.py and the
+backward of kernels/flash_attention_mgpu_bwd.py. Neither has been timed on a GPU yet, so `auto`
+still picks cuDNN on GPU for 16-bit inputs and the reference elsewhere.
 Layout throughout: (batch, seq, heads, head_dim).
 
 A pallas_call has no SPMD partitioning rule, so under a mesh XLA would gather q, k and v whole
@@ -75,7 +76,7 @@ def attention(q, k, v, *, backend: str = "xla", causal: bool = True):
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
     if backend in ("pallas", "mosaic"):
         mosaic = backend == "mosaic"
-        return per_shard(lambda q, k, v: flash_attention(q, k, v, causal=causal, mosaic_forward=mosaic), q, k, v)
+        return per_shard(lambda q, k, v: flash_attention(q, k, v, causal=causal, mosaic=mosaic), q, k, v)
     raise ValueError(f"attention backend {backend!r} must be resolved first (see resolve_backend)")
 
 

@@ -1,15 +1,17 @@
-"""The Mosaic GPU (Hopper) flash attention forward, checked without a GPU in two halves.
+"""The Mosaic GPU (Hopper) flash attention kernels, forward and backward, checked without a GPU
+in two halves.
 
-1. Lowering: the kernel is lowered for the "cuda" platform on this CPU-only machine, through
+1. Lowering: each kernel is lowered for the "cuda" platform on this CPU-only machine, through
    Mosaic GPU down to its sm_90a module, which must hold wgmma, TMA and mbarrier instructions.
    This is where layouts, tile shapes and transforms are checked.
-2. Protocol: jax's Mosaic GPU interpreter runs the kernel on CPU, with real TMA copies, barriers
-   (it fails on a wait that never completes and on a phase a waiting thread never saw), the
-   ring of K/V slots, the ping-pong between consumers, skipped blocks, masks and the output
-   writes. It lacks layout casts and wgmma with transposed or register operands, so the four
-   register-level helpers of kernels/flash_attention_mgpu.py are swapped for plain jnp
-   equivalents here; those four lines are what this test does not check.
-On a GPU the compiled kernel is compared with the reference (skipped here).
+2. Protocol: jax's Mosaic GPU interpreter runs the kernels on CPU, with real TMA copies,
+   barriers (it fails on a phase a waiting thread never saw, and hangs on a wait that never
+   completes, which pytest-timeout turns into a failure), the rings of slots, the ping-pong
+   between consumers, skipped blocks, masks and the output writes. It lacks layout casts, iota
+   and vector loads in wgmma layouts and wgmma with transposed or register operands, so those
+   register-level operations (kernels/mgpu_ops.py) are swapped for plain jnp equivalents here;
+   they are what this test does not check.
+On a GPU the compiled kernels are compared with the reference (skipped here).
 """
 import re
 
@@ -20,6 +22,8 @@ import pytest
 from jax import lax
 
 from kernels import flash_attention_mgpu as mgpu
+from kernels import flash_attention_mgpu_bwd as mgpu_bwd
+from kernels import mgpu_ops as ops
 from kernels.flash_attention import flash_attention
 from kernels.reference import attention_reference
 
@@ -71,34 +75,50 @@ def test_forward_lowers_for_hopper(case):
     assert "cp.async.bulk.tensor" in module and "mbarrier" in module
 
 
-def test_mosaic_backend_lowers_with_the_pallas_backward():
-    """flash_attention(mosaic_forward=True) under jax.vjp: the Mosaic GPU forward feeds its
-    output and log-sum-exp to the two Pallas backward kernels, all lowered for the GPU."""
+@pytest.mark.parametrize("case", LOWER_CASES)
+def test_backward_lowers_for_hopper(case):
+    batch, q_len, kv_len, heads, kv_heads, head_dim, causal = LOWER_CASES[case]
+    q = jax.ShapeDtypeStruct((batch, q_len, heads, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((batch, kv_len, kv_heads, head_dim), jnp.bfloat16)
+    lse = jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)
+    backward = jax.jit(lambda *args: mgpu_bwd.mgpu_attention_backward(*args, causal=causal))
+    module = backward.trace(q, kv, kv, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
+    assert re.findall(r"custom_call @([\w$.]+)\(", module) == ["mosaic_gpu_v2"] * 2  # dQ, then dK/dV
+    instructions = set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k16\.f32\.bf16\.bf16", module))
+    assert instructions == {"64", str(head_dim)}  # S, dP (N = block) and dQ, dK, dV (N = D)
+    assert "cp.async.bulk.tensor" in module and "mbarrier" in module
+
+
+def test_mosaic_backend_lowers_without_triton():
+    """flash_attention(mosaic=True) under jax.vjp is three Mosaic GPU kernels (forward, dQ,
+    dK/dV) and nothing from Pallas' deprecated Triton backend."""
     q = jax.ShapeDtypeStruct((2, 300, 4, 128), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((2, 300, 2, 128), jnp.bfloat16)
 
     def forward_backward(q, k, v, d_out):
-        out, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, interpret=False, mosaic_forward=True), q, k, v)
+        out, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, interpret=False, mosaic=True), q, k, v)
         return out, vjp(d_out)
     module = jax.jit(forward_backward).trace(q, kv, kv, q).lower(lowering_platforms=("cuda",)).as_text()
     calls = re.findall(r"custom_call @([\w$.]+)\(", module)
-    assert sorted(calls) == ["__gpu$xla.gpu.triton"] * 2 + ["mosaic_gpu_v2"], calls
+    assert calls == ["mosaic_gpu_v2"] * 3, calls
     with pytest.raises(ValueError, match="cannot be interpreted"):
         flash_attention(jnp.zeros((1, 64, 2, 64), jnp.bfloat16), *[jnp.zeros((1, 64, 2, 64), jnp.bfloat16)] * 2,
-                        interpret=True, mosaic_forward=True)
+                        interpret=True, mosaic=True)
 
 
 @pytest.fixture
 def register_ops_in_jnp(monkeypatch):
-    def qkt(q_tile, k_tile, then):
+    def qkt(q_tile, k_tile, then=None):
         s = jnp.dot(q_tile[...], k_tile[...].T, preferred_element_type=jnp.float32)
-        then()
+        if then is not None:
+            then()
         return s
-    monkeypatch.setattr(mgpu, "matmul_qkt", qkt)
-    monkeypatch.setattr(mgpu, "matmul_acc", lambda acc, p, v_tile: acc + jnp.dot(
+    monkeypatch.setattr(ops, "matmul_nt", qkt)
+    monkeypatch.setattr(ops, "matmul_acc", lambda acc, p, v_tile: acc + jnp.dot(
         p, v_tile[...], preferred_element_type=jnp.float32))
-    monkeypatch.setattr(mgpu, "iota", lambda shape, dim: lax.broadcasted_iota(jnp.int32, shape, dim))
-    monkeypatch.setattr(mgpu, "in_wgmma_layout", lambda x: x)
+    monkeypatch.setattr(ops, "iota", lambda shape, dim: lax.broadcasted_iota(jnp.int32, shape, dim))
+    monkeypatch.setattr(ops, "in_wgmma_layout", lambda x: x)
+    monkeypatch.setattr(ops, "load_vector", lambda ref, along: ref[...])
 
 
 PROTOCOL_CASES = {  # batch, T, S, H, Hkv, D, causal, blocks
@@ -129,6 +149,43 @@ def test_forward_protocol_interpreted(case, register_ops_in_jnp):
     np.testing.assert_allclose(lse, reference_lse(q, k, causal), rtol=1e-4, atol=1e-3)
 
 
+BACKWARD_CASES = {  # batch, T, S, H, Hkv, D, causal, blocks
+    # both kernels skip: dQ's first consumer needs one key block fewer, dK/dV's second consumer
+    # one query block fewer
+    "skip-blocks-gqa2": (1, 192, 192, 4, 2, 64, True, mgpu.MgpuBlocks(64, 64, 2)),
+    # dK/dV streams the query blocks of 5 heads through a 3-slot ring; ragged T and S > T
+    "ring-mqa5-more-keys": (1, 130, 333, 5, 1, 64, True, mgpu.MgpuBlocks(64, 64, 3)),
+    "not-causal-d128": (1, 100, 150, 2, 1, 128, False, mgpu.MgpuBlocks(64, 64, 2)),
+}
+
+
+def reference_gradients(q, k, v, d_out, causal):
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    out, vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, causal=causal), *f32)
+    return out, vjp(d_out.astype(jnp.float32))
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES)
+def test_backward_protocol_interpreted(case, register_ops_in_jnp):
+    """The backward kernels against the reference gradients, given the reference's output and
+    log-sum-exp (so a forward bug cannot hide a backward one)."""
+    params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
+    interpreter = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call")
+    batch, q_len, kv_len, heads, kv_heads, head_dim, causal, blocks = BACKWARD_CASES[case]
+    q, k, v = random_qkv(batch, q_len, kv_len, heads, kv_heads, head_dim)
+    d_out = jax.random.normal(jax.random.key(1), q.shape, q.dtype)
+    out, want = reference_gradients(q, k, v, d_out, causal)
+    lse = jnp.asarray(reference_lse(q, k, causal), jnp.float32)
+    try:
+        got = mgpu_bwd.mgpu_attention_backward(q, k, v, out.astype(q.dtype), lse, d_out, causal=causal,
+                                               blocks=blocks, interpret=params.InterpretGPUParams())
+    finally:
+        interpreter.reset_gpu_interpret_mode_state()
+    for name, g, w, x in zip("qkv", got, want, (q, k, v)):
+        assert g.shape == x.shape and g.dtype == x.dtype, name
+        assert rel_err(g, w) < 1e-2, name
+
+
 def test_unsupported_inputs_are_refused():
     q, k, v = random_qkv(1, 64, 64, 2, 2, 64)
     with pytest.raises(ValueError, match="bf16/fp16"):
@@ -142,15 +199,20 @@ def test_unsupported_inputs_are_refused():
     q, k, v = random_qkv(1, 256, 256, 2, 2, 256)
     with pytest.raises(ValueError, match="shared memory"):
         mgpu.mgpu_attention_forward(q, k, v)  # 2 stages of 128 x 256 K and V tiles: 320 KB
+    with pytest.raises(ValueError, match="shared memory"):  # dQ: Q, dO, K and V tiles of 64 x 256: 256 KB
+        mgpu_bwd.mgpu_attention_backward(q, k, v, q, jnp.zeros((1, 2, 256), jnp.float32), q)
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="runs the compiled kernel on a Hopper GPU")
-def test_forward_matches_reference_on_gpu():
-    for batch, q_len, kv_len, heads, kv_heads, head_dim, causal in LOWER_CASES.values():
-        if batch * q_len > 4096:
-            continue
-        q, k, v = random_qkv(batch, q_len, kv_len, heads, kv_heads, head_dim)
-        out, lse = jax.jit(lambda q, k, v: mgpu.mgpu_attention_forward(q, k, v, causal=causal))(q, k, v)
-        want = attention_reference(*[x.astype(jnp.float32) for x in (q, k, v)], causal=causal)
-        assert rel_err(out, want) < 1e-2
-        np.testing.assert_allclose(lse, reference_lse(q, k, causal), rtol=1e-3, atol=1e-2)
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="runs the compiled kernels on a Hopper GPU")
+@pytest.mark.parametrize("case", [name for name, case in LOWER_CASES.items() if case[0] * case[1] <= 4096])
+def test_compiled_kernels_match_reference_on_gpu(case):
+    batch, q_len, kv_len, heads, kv_heads, head_dim, causal = LOWER_CASES[case]
+    q, k, v = random_qkv(batch, q_len, kv_len, heads, kv_heads, head_dim)
+    d_out = jax.random.normal(jax.random.key(1), q.shape, q.dtype)
+    out, lse = jax.jit(lambda q, k, v: mgpu.mgpu_attention_forward(q, k, v, causal=causal))(q, k, v)
+    want_out, want_grads = reference_gradients(q, k, v, d_out, causal)
+    assert rel_err(out, want_out) < 1e-2
+    np.testing.assert_allclose(lse, reference_lse(q, k, causal), rtol=1e-3, atol=1e-2)
+    _, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, causal=causal, mosaic=True), q, k, v)
+    for name, got, want in zip("qkv", jax.jit(vjp)(d_out), want_grads):
+        assert rel_err(got, want) < 1e-2, name

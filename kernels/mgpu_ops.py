@@ -1,0 +1,118 @@
+"""What the Hopper (Mosaic GPU) attention kernels share: shared-memory layout, the TMA producer
+loop, and the register-level operations.
+
+The register-level operations (wgmma from shared memory or registers, layout casts, iota,
+row-vector loads) are kept here, apart from the kernels' protocol of copies and barriers, so
+that tests/test_kernels_mgpu.py can swap them for jnp equivalents and run everything else in
+jax's Mosaic GPU interpreter, which lacks them.
+"""
+import dataclasses
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+CONSUMERS = 2            # compute warpgroups per CTA; a third one is the TMA producer
+SMEM_BYTES = 227 * 1024  # shared memory one H100/H200 CTA may use
+CONSUMER_REGISTERS, PRODUCER_REGISTERS = 232, 40  # 2 x 128 x 232 + 128 x 40 <= 64K registers
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuBlocks:
+    """Tile sizes. Forward and dQ: `block_q` query rows per consumer warpgroup, `block_k` keys
+    per pipeline step. dK/dV swaps the roles: `block_k` keys per consumer, `block_q` query rows
+    per step. `stages`: pipeline steps in flight in the shared-memory ring."""
+    block_q: int = 64    # wgmma's M is 64 per warpgroup
+    block_k: int = 128
+    stages: int = 2
+
+    def __post_init__(self):
+        if self.block_q % 64 or self.block_k % 64 or self.stages < 2:
+            raise ValueError(f"block_q and block_k must be multiples of 64 and stages >= 2, got {self}")
+
+
+def check_smem(nbytes: int, blocks: MgpuBlocks, head_dim: int):
+    if nbytes > SMEM_BYTES:
+        raise ValueError(f"{blocks} at head dim {head_dim} needs {nbytes} bytes of shared memory, more than "
+                         f"Hopper's {SMEM_BYTES}; lower the block sizes or stages")
+
+
+def tile_smem(shape, dtype):
+    """A shared-memory buffer of (..., rows, head_dim) tiles laid out for TMA and wgmma."""
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def warp_specialized(body, scratch, *, out_type, grid, grid_names, interpret):
+    """A kernel of CONSUMERS + 1 warpgroups (axis "wg") over `grid`: body(refs, *allocated) gets
+    the input and output refs as one tuple and the `scratch` (shared memory, barriers) allocated
+    once for the whole CTA. `interpret`: None to compile, or jax's interpreter parameters."""
+    def entry(*refs):
+        pl.run_scoped(lambda *allocated: body(refs, *allocated), *scratch, collective_axes="wg")
+    return plgpu.kernel(entry, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=CONSUMERS + 1,
+                        thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+                        interpret=interpret)
+
+
+def produce_ring(n_steps, stages: int, load, wait_free):
+    """The producer warpgroup's whole work: `load(step, slot)` issues the TMA copies of a step
+    into ring slot step % stages once `wait_free(slot)` says the consumers are done with its
+    last use. It ends by waiting for the last slots' release too, so that no barrier phase is
+    left unobserved when the shared memory is released."""
+    plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")  # issuing copies needs few
+    for j in range(stages):  # fill the ring; a short tile may need fewer steps
+        pl.when(jnp.asarray(n_steps) > j)(lambda j=j: load(j, j))
+
+    @pl.loop(stages, n_steps)
+    def _refill(j):
+        slot = lax.rem(j, jnp.int32(stages))
+        wait_free(slot)
+        load(j, slot)
+
+    @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
+    def _drain(j):
+        wait_free(lax.rem(j, jnp.int32(stages)))
+
+
+# ---- register-level operations ---------------------------------------------------------------
+
+def matmul_nt(a_tile, b_tile, then=None):
+    """A B^T in fp32 from two shared-memory tiles (B transposed by the wgmma descriptor, not
+    moved); `then` runs while the wgmma is in flight."""
+    def issue(acc_ref):
+        plgpu.wgmma(acc_ref, a_tile, plgpu.transpose_ref(b_tile, (1, 0)))
+        if then is not None:
+            then()
+        return acc_ref[...]
+    return pl.run_scoped(issue, plgpu.ACC((a_tile.shape[0], b_tile.shape[0]), jnp.float32))
+
+
+def matmul_acc(acc, a, b_tile):
+    """acc + A B: acc fp32 in registers (wgmma layout), A 16-bit in registers, B in shared memory."""
+    def issue(acc_ref):
+        plgpu.wgmma(acc_ref, a, b_tile)
+    return pl.run_state(issue)(plgpu.ACC.init(acc))
+
+
+def iota(shape, dim):
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def in_wgmma_layout(x):
+    """A (rows, cols) array in wgmma's accumulator layout, a (rows,) one in its row layout."""
+    return plgpu.layout_cast(x, plgpu.Layout.WGMMA if x.ndim == 2 else plgpu.Layout.WGMMA.reduce(1))
+
+
+def visible(shape, first_q, first_k, kv_len: int, causal: bool, keys_dim: int = 1):
+    """Which entries of a (queries, keys) score tile attention sees, or of a (keys, queries) one
+    with keys_dim=0: real keys (not padding), and with `causal` none from a query's future.
+    first_q is the key position of the tile's first query, first_k that of its first key."""
+    k_pos = first_k + iota(shape, keys_dim)
+    mask = k_pos < kv_len
+    return mask & (k_pos <= first_q + iota(shape, 1 - keys_dim)) if causal else mask
+
+
+def load_vector(ref, along: int):
+    """A (n,) shared-memory vector in the layout that broadcasts along dim `along` of a wgmma
+    accumulator: along=1 gives one value per row, along=0 one per column."""
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(along))
