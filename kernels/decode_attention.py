@@ -17,8 +17,12 @@ fills it (and 1 when interpreted).
 GQA: one program serves all G = H / Hkv query heads of its KV head, so each K/V tile is read
 from memory once for the whole group: the G x Tq queries are stacked as rows of one matrix.
 
+The model's cached steps (the engine's prefill chunks and decode steps) run it when
+`model.attention` is pallas or mosaic (nanochat_jax.attention.cached_attention).
+
 Verified on CPU with `interpret=True` against a dense reference and against xla_attention on
-each row's sliced prefix (tests/test_kernels.py). Not compiled or timed on a GPU (none was
+each row's sliced prefix (tests/test_kernels.py), and through the model and the engine against
+their xla results (tests/test_model.py, tests/test_engine.py). Not compiled or timed on a GPU (none was
 available); on GPU it asks for Pallas' Triton backend, as kernels/flash_attention.py explains.
 """
 import functools

@@ -148,7 +148,7 @@ class CausalSelfAttention(nnx.Module):
         rows = jnp.arange(batch)[:, None]
         k_cache = cache[0].at[layer, rows, positions].set(k.astype(cache[0].dtype))
         v_cache = cache[1].at[layer, rows, positions].set(v.astype(cache[1].dtype))
-        y = attn_lib.cached_attention(q, k_cache[layer], v_cache[layer], positions)
+        y = attn_lib.cached_attention(q, k_cache[layer], v_cache[layer], positions, backend=cfg.attention)
         return self.c_proj(y.reshape(batch, seq, cfg.n_head * cfg.head_dim)), (k_cache, v_cache)
 
 

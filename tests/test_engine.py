@@ -65,6 +65,19 @@ def test_greedy_equals_the_no_cache_reference(n_kv_head):
         assert new_tokens(engine, prompt, num_samples=2, max_tokens=12, temperature=0.0) == [reference] * 2
 
 
+def test_pallas_decode_kernel_gives_the_reference_tokens():
+    """attention=pallas: prefill and decode steps run kernels/decode_attention.py on the
+    engine's bucketed caches (interpreted here), and give the greedy reference's tokens."""
+    cfg = dataclasses.replace(CFG, attention="pallas")
+    graphdef, _, _ = model_lib.abstract_model(cfg)
+    params = random_params(cfg)
+    engine = Engine(graphdef, params, cfg, StubTokenizer(), buckets=BUCKETS)
+    reference_graphdef, _, _ = model_lib.abstract_model(CFG)
+    for prompt in PROMPTS[1:3]:
+        expected = greedy_generate(reference_graphdef, params, [prompt], max_new_tokens=6)[0]
+        assert new_tokens(engine, prompt, num_samples=2, max_tokens=6, temperature=0.0) == [expected] * 2
+
+
 def test_chunked_prefill_equals_one_shot(model):
     graphdef, params, one_shot = model
     chunked = Engine(graphdef, params, CFG, StubTokenizer(), buckets=BUCKETS, prefill_chunk=4)

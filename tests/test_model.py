@@ -252,10 +252,13 @@ def test_d20_param_and_flop_counts():
     assert flops_per_token(cfg) == 6 * (560_988_160 - vocab * dim) + attention == 3_491_758_080
 
 
-def test_kv_cache_decode_matches_full_forward():
+@pytest.mark.parametrize("attention", ["xla", "pallas"])
+def test_kv_cache_decode_matches_full_forward(attention):
     """Prefill then one token at a time through the KV cache equals the full causal forward pass,
-    also with rows at different positions (a right-padded prefill)."""
-    cfg = model_lib.GPTConfig(vocab_size=64, n_layer=2, dim=32, n_head=4, n_kv_head=2, sequence_len=32)
+    also with rows at different positions (a right-padded prefill). With `pallas`, the cached
+    steps run kernels/decode_attention.py (interpreted here)."""
+    cfg = model_lib.GPTConfig(vocab_size=64, n_layer=2, dim=32, n_head=4, n_kv_head=2, sequence_len=32,
+                              attention=attention)
     graphdef, _, _ = model_lib.abstract_model(cfg)
     params = jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape) * 0.3,
                           model_lib.init_params(cfg, jax.random.key(0)))
