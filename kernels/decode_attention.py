@@ -18,12 +18,14 @@ GQA: one program serves all G = H / Hkv query heads of its KV head, so each K/V 
 from memory once for the whole group: the G x Tq queries are stacked as rows of one matrix.
 
 The model's cached steps (the engine's prefill chunks and decode steps) run it when
-`model.attention` is pallas or mosaic (nanochat_jax.attention.cached_attention).
+`model.attention` is pallas, and its Mosaic GPU version (kernels/decode_attention_mgpu.py, which
+shares the row stacking, split plan and combine below) when it is mosaic.
 
 Verified on CPU with `interpret=True` against a dense reference and against xla_attention on
 each row's sliced prefix (tests/test_kernels.py), and through the model and the engine against
-their xla results (tests/test_model.py, tests/test_engine.py). Not compiled or timed on a GPU (none was
-available); on GPU it asks for Pallas' Triton backend, as kernels/flash_attention.py explains.
+their xla results (tests/test_model.py, tests/test_engine.py). Not compiled or timed on a GPU
+(none was available); on GPU it asks for Pallas' Triton backend, as kernels/flash_attention.py
+explains, which the Mosaic GPU version avoids on Hopper.
 """
 import functools
 
@@ -42,26 +44,15 @@ def decode_attention(q, k_cache, v_cache, lengths, *, block_k: int = 128, num_sp
                      interpret: bool | None = None):
     """Attention output (B, Tq, H, D) in q's dtype. `num_splits` is rounded down to a divisor
     of the number of KV blocks; None picks it from the batch and KV heads (1 when interpreted)."""
+    check_decode_inputs(q, k_cache, v_cache)
     batch, q_len, heads, head_dim = q.shape
     cache_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    if k_cache.shape != v_cache.shape or k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
-        raise ValueError(f"expected caches (B, S, Hkv, D) matching q {q.shape}; got {k_cache.shape}, {v_cache.shape}")
-    if heads % kv_heads:
-        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
     interpret = default_interpret() if interpret is None else interpret
-    group = heads // kv_heads
     bk = block_size(block_k, cache_len)
     sp = round_up(cache_len, bk)  # a cache length that is a block multiple is never copied
-    n_blocks = sp // bk
-    if num_splits is None:  # the interpreter runs programs one by one: splitting only adds work
-        num_splits = 1 if interpret else -(-TARGET_PROGRAMS // (batch * kv_heads))
-    splits = _divisor_at_most(n_blocks, num_splits)
+    splits = split_count(sp // bk, batch * kv_heads, num_splits, interpret)
     chunk = sp // splits
-
-    rows = group * q_len  # row r of a KV head's matrix is query head r // Tq, token r % Tq
-    padded_rows = max(MIN_BLOCK, pl.next_power_of_2(rows))
-    q_rows = q.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
-    q_rows = pad_axis(q_rows.reshape(batch, kv_heads, rows, head_dim), 2, padded_rows)
+    padded_rows = max(MIN_BLOCK, pl.next_power_of_2(heads // kv_heads * q_len))
 
     part = (batch, kv_heads, splits, padded_rows)
     acc, m, l = pl.pallas_call(
@@ -83,11 +74,40 @@ def decode_attention(q, k_cache, v_cache, lengths, *, block_k: int = 128, num_sp
         compiler_params=compiler_params(interpret, num_warps=4),
         interpret=interpret,
         name="decode_attention",
-    )(lengths.astype(jnp.int32), q_rows, pad_axis(k_cache, 1, sp), pad_axis(v_cache, 1, sp))
+    )(lengths.astype(jnp.int32), stack_rows(q, kv_heads, padded_rows), pad_axis(k_cache, 1, sp),
+      pad_axis(v_cache, 1, sp))
+    return unstack_rows(combine_partials(acc, m, l), q.shape).astype(q.dtype)
 
-    out = combine_partials(acc, m, l)[:, :, :rows]
-    out = out.reshape(batch, kv_heads, group, q_len, head_dim).transpose(0, 3, 1, 2, 4)
-    return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+
+def check_decode_inputs(q, k_cache, v_cache):
+    if k_cache.shape != v_cache.shape or k_cache.shape[0] != q.shape[0] or k_cache.shape[3] != q.shape[3]:
+        raise ValueError(f"expected caches (B, S, Hkv, D) matching q {q.shape}; got {k_cache.shape}, {v_cache.shape}")
+    if q.shape[2] % k_cache.shape[2]:
+        raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k_cache.shape[2]} KV heads")
+
+
+def split_count(n_blocks: int, programs: int, requested: int | None, interpret) -> int:
+    """Chunks to cut the cache's n_blocks into: a divisor of n_blocks, at most `requested`, by
+    default enough for TARGET_PROGRAMS over the `programs` (batch x KV heads) there are."""
+    if requested is None:  # an interpreter runs programs one by one: splitting only adds work
+        requested = 1 if interpret else -(-TARGET_PROGRAMS // programs)
+    return max(d for d in range(1, min(n_blocks, max(requested, 1)) + 1) if n_blocks % d == 0)
+
+
+def stack_rows(q, kv_heads: int, padded_rows: int):
+    """q (B, Tq, H, D) as one (padded_rows, D) matrix per KV head, (B, Hkv, padded_rows, D): row r
+    is query head r // Tq of the group, token r % Tq; rows past G * Tq are zero."""
+    batch, q_len, heads, head_dim = q.shape
+    rows = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+    return pad_axis(rows.reshape(batch, kv_heads, heads // kv_heads * q_len, head_dim), 2, padded_rows)
+
+
+def unstack_rows(out, q_shape):
+    """The inverse of stack_rows: (B, Hkv, padded_rows, D) back to q_shape (B, Tq, H, D)."""
+    batch, q_len, heads, head_dim = q_shape
+    kv_heads = out.shape[1]
+    out = out[:, :, :heads // kv_heads * q_len].reshape(batch, kv_heads, heads // kv_heads, q_len, head_dim)
+    return out.transpose(0, 3, 1, 2, 4).reshape(q_shape)
 
 
 def combine_partials(acc, m, l):
@@ -97,10 +117,6 @@ def combine_partials(acc, m, l):
     total = jnp.sum(l * weight, axis=2)
     out = jnp.sum(acc * weight[..., None], axis=2)
     return out / jnp.where(total == 0, 1.0, total)[..., None]
-
-
-def _divisor_at_most(n: int, limit: int) -> int:
-    return max(d for d in range(1, min(n, max(limit, 1)) + 1) if n % d == 0)
 
 
 def _decode_kernel(len_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, q_len, block_k, scale):

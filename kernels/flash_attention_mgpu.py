@@ -67,7 +67,8 @@ def mgpu_attention_forward(q, k, v, *, causal: bool = True, blocks: MgpuBlocks =
     bq, bk = blocks.block_q, blocks.block_k
     tp, sp = round_up(q_len, CONSUMERS * bq), round_up(kv_len, bk)
     stages = min(blocks.stages, sp // bk)
-    ops.check_smem(2 * head_dim * (CONSUMERS * bq + 2 * stages * bk) + 4 * CONSUMERS * bq, blocks, head_dim)
+    ops.check_smem(2 * head_dim * (CONSUMERS * bq + 2 * stages * bk) + 4 * CONSUMERS * bq,
+                   f"{blocks} at head dim {head_dim}")
     body, scratch = _forward_kernel(q_len=q_len, kv_len=kv_len, group=heads // kv_heads, head_dim=head_dim,
                                     block_q=bq, block_k=bk, stages=stages, causal=causal, dtype=q.dtype)
     out, lse = ops.warp_specialized(
@@ -116,23 +117,15 @@ def _forward_kernel(*, q_len, kv_len, group, head_dim, block_q, block_k, stages,
 
                 s = ops.matmul_nt(q_tile, k_smem.at[slot], then=sync_schedule) * score_scale
                 plgpu.barrier_arrive(k_free.at[slot])
-                if masked:
-                    visible = ops.visible(s.shape, first_pos, j * block_k, kv_len, causal)
-                    s = jnp.where(visible, s, MASK_VALUE)
-                m_new = jnp.maximum(m, s.max(axis=1))
-                alpha = jnp.exp2(m - m_new)
-                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                if masked:  # a row that has seen no visible key yet would get exp2(0) = 1 here
-                    p = jnp.where(visible, p, 0.0)
-                l = l * alpha + p.sum(axis=1)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                visible = ops.visible(s.shape, first_pos, j * block_k, kv_len, causal) if masked else None
+                p, acc, m, l = ops.softmax_block(s, visible, acc, m, l)
                 p = p.astype(dtype)
                 plgpu.barrier_arrive(schedule)  # softmax done: let the other consumer's matmuls go
                 plgpu.barrier_wait(v_ready.at[slot])
                 plgpu.barrier_wait(schedule)
                 acc = ops.matmul_acc(acc, p, v_smem.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, l
+                return acc, m, l
 
             def skip(j, carry):
                 """A block only the other consumer needs: wait for it like the others (every

@@ -61,7 +61,8 @@ def mgpu_attention_backward(q, k, v, out, lse, d_out, *, causal: bool = True,
                   causal=causal, dtype=q.dtype)
 
     stages = min(blocks.stages, sp // bk)
-    ops.check_smem(2 * head_dim * (2 * CONSUMERS * bq + 2 * stages * bk) + 8 * CONSUMERS * bq, blocks, head_dim)
+    ops.check_smem(2 * head_dim * (2 * CONSUMERS * bq + 2 * stages * bk) + 8 * CONSUMERS * bq,
+                   f"{blocks} at head dim {head_dim}")
     dq = ops.warp_specialized(
         *_dq_kernel(stages=stages, **static),
         out_type=jax.ShapeDtypeStruct((batch, tp, heads, head_dim), q.dtype),
@@ -69,7 +70,8 @@ def mgpu_attention_backward(q, k, v, out, lse, d_out, *, causal: bool = True,
     )(*args)
 
     stages = min(blocks.stages, group * tp // bq)
-    ops.check_smem(2 * head_dim * (2 * CONSUMERS * bk + 2 * stages * bq) + 8 * stages * bq, blocks, head_dim)
+    ops.check_smem(2 * head_dim * (2 * CONSUMERS * bk + 2 * stages * bq) + 8 * stages * bq,
+                   f"{blocks} at head dim {head_dim}")
     dk, dv = ops.warp_specialized(
         *_dkdv_kernel(stages=stages, **static),
         out_type=[jax.ShapeDtypeStruct((batch, sp, kv_heads, head_dim), k.dtype),

@@ -13,6 +13,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels.common import MASK_VALUE
+
 CONSUMERS = 2            # compute warpgroups per CTA; a third one is the TMA producer
 SMEM_BYTES = 227 * 1024  # shared memory one H100/H200 CTA may use
 CONSUMER_REGISTERS, PRODUCER_REGISTERS = 232, 40  # 2 x 128 x 232 + 128 x 40 <= 64K registers
@@ -32,24 +34,27 @@ class MgpuBlocks:
             raise ValueError(f"block_q and block_k must be multiples of 64 and stages >= 2, got {self}")
 
 
-def check_smem(nbytes: int, blocks: MgpuBlocks, head_dim: int):
+def check_smem(nbytes: int, tiles: str):
+    """Refuse tile sizes (described by `tiles`) whose buffers need more shared memory than a CTA has."""
     if nbytes > SMEM_BYTES:
-        raise ValueError(f"{blocks} at head dim {head_dim} needs {nbytes} bytes of shared memory, more than "
-                         f"Hopper's {SMEM_BYTES}; lower the block sizes or stages")
+        raise ValueError(f"{tiles} needs {nbytes} bytes of shared memory, more than Hopper's {SMEM_BYTES}; "
+                         f"lower the block sizes or stages")
 
 
 def tile_smem(shape, dtype):
-    """A shared-memory buffer of (..., rows, head_dim) tiles laid out for TMA and wgmma."""
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+    """A shared-memory buffer of (..., rows, cols) tiles laid out for TMA and wgmma: 128-byte
+    swizzled rows of 8 x (128 bytes) tiles."""
+    tiling = plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize))
+    return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(128)))
 
 
-def warp_specialized(body, scratch, *, out_type, grid, grid_names, interpret):
-    """A kernel of CONSUMERS + 1 warpgroups (axis "wg") over `grid`: body(refs, *allocated) gets
+def warp_specialized(body, scratch, *, out_type, grid, grid_names, interpret, consumers: int = CONSUMERS):
+    """A kernel of `consumers` + 1 warpgroups (axis "wg") over `grid`: body(refs, *allocated) gets
     the input and output refs as one tuple and the `scratch` (shared memory, barriers) allocated
     once for the whole CTA. `interpret`: None to compile, or jax's interpreter parameters."""
     def entry(*refs):
         pl.run_scoped(lambda *allocated: body(refs, *allocated), *scratch, collective_axes="wg")
-    return plgpu.kernel(entry, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=CONSUMERS + 1,
+    return plgpu.kernel(entry, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=consumers + 1,
                         thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
                         interpret=interpret)
 
@@ -110,6 +115,22 @@ def visible(shape, first_q, first_k, kv_len: int, causal: bool, keys_dim: int = 
     k_pos = first_k + iota(shape, keys_dim)
     mask = k_pos < kv_len
     return mask & (k_pos <= first_q + iota(shape, 1 - keys_dim)) if causal else mask
+
+
+def softmax_block(s, visible, acc, m, l):
+    """One key block of the online softmax, in registers: s base-2 scores (rows, keys), `visible`
+    their mask or None; acc (rows, D), m and l (rows,) the running output, max and sum. Returns
+    the block's unnormalised probabilities p (fp32; masked entries exactly 0, even in a row that
+    has seen no visible key yet) and acc rescaled to the new max, m and l updated; the caller
+    adds p V to acc."""
+    if visible is not None:
+        s = jnp.where(visible, s, MASK_VALUE)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+    if visible is not None:
+        p = jnp.where(visible, p, 0.0)
+    return p, acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m_new, l * alpha + p.sum(axis=1)
 
 
 def load_vector(ref, along: int):

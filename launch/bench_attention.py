@@ -14,8 +14,8 @@ Decode attention (`--decode-tq` new tokens per row against a cache of each `--de
 length, every row full): median time, achieved bandwidth and the memory floor, the time to
 read the K/V cache once at the device's peak HBM bandwidth (None where unknown, e.g. CPU).
 `xla` is the model's cached_attention, `pallas` kernels/decode_attention.py.
-`mosaic` (training only, Hopper only) is the Mosaic GPU forward and backward of
-kernels/flash_attention_mgpu.py and kernels/flash_attention_mgpu_bwd.py.
+`mosaic` (Hopper only) is the Mosaic GPU forward and backward of kernels/flash_attention_mgpu.py
+and kernels/flash_attention_mgpu_bwd.py, and kernels/decode_attention_mgpu.py for decode.
 
 A backend the platform lacks is skipped with a note: cudnn needs a GPU and 16-bit inputs;
 pallas on CPU runs interpreted, very slowly, so only with `--pallas-interpret` (small shapes).
@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.decode_attention import decode_attention
+from kernels.decode_attention_mgpu import mgpu_decode_attention
 from kernels.flash_attention import BlockSizes, flash_attention
 from kernels.mgpu_ops import MgpuBlocks
 from launch import run
@@ -161,8 +162,9 @@ def bench_decode(name, shape, lengths, backends, dtype, args, notes) -> list[dic
         moved = (2 * k_cache.size + 2 * q.size) * jnp.dtype(dtype).itemsize  # K, V once; q in, out
         floor = None if bandwidth is None else moved / bandwidth
         for backend in backends:
-            if backend == "pallas":
-                fn, inputs = decode_attention, (q, k_cache, v_cache, lens)
+            if backend in ("pallas", "mosaic"):
+                fn = mgpu_decode_attention if backend == "mosaic" else decode_attention
+                inputs = (q, k_cache, v_cache, lens)
             else:
                 fn, inputs = attn_lib.cached_attention, (q, k_cache, v_cache, positions)
             try:
@@ -216,9 +218,9 @@ def main(argv=None):
             notes.append(f"skipped: {reason}")
         else:
             runnable.append(backend)
-    decode_backends = [b for b in runnable if b in ("xla", "pallas")]
-    if {"cudnn", "mosaic"} & set(runnable) and args.decode_lengths:
-        notes.append("cudnn and mosaic have no ragged-length decode path here; decode times xla and pallas only")
+    decode_backends = [b for b in runnable if b != "cudnn"]
+    if "cudnn" in runnable and args.decode_lengths:
+        notes.append("cudnn has no ragged-length decode path here; decode times the other backends")
 
     train, decode = [], []
     for name, shape in shapes.items():

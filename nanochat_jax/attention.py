@@ -20,13 +20,14 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from kernels.decode_attention import decode_attention
+from kernels.decode_attention_mgpu import mgpu_decode_attention
 from kernels.flash_attention import flash_attention
 from nanochat_jax import sharding
 
 ATTENTION_AXES = ("batch", None, "act_heads", None)  # the sequence is never split for the kernel
 
 BACKENDS = ("auto", "xla", "cudnn", "pallas", "mosaic")
-DECODE_KERNEL_ROWS = 64  # query rows per KV head up to which cached attention uses the decode kernel
+DECODE_KERNEL_ROWS = 64  # query rows per KV head up to which cached attention uses a decode kernel
 
 
 def resolve_backend(name: str, dtype) -> str:
@@ -61,10 +62,12 @@ def cached_attention(q, k_cache, v_cache, positions, *, backend: str = "xla"):
     """Queries (B, T, H, D) at absolute `positions` (B, T) against a KV cache (B, S, Hkv, D): each
     query sees the cached keys at positions up to its own (later slots hold stale or no data).
     With a kernel backend (pallas, mosaic) and at most DECODE_KERNEL_ROWS query rows per KV head
-    (a decode step, a short prefill chunk), kernels/decode_attention.py runs instead; it takes
-    each row's T positions to be consecutive, as the engine's always are."""
+    (a decode step, a short prefill chunk), kernels/decode_attention.py (or its Mosaic GPU
+    version) runs instead; it takes each row's T positions to be consecutive, as the engine's
+    always are."""
     if backend in ("pallas", "mosaic") and q.shape[1] * (q.shape[2] // k_cache.shape[2]) <= DECODE_KERNEL_ROWS:
-        return decode_attention(q, k_cache, v_cache, positions[:, -1] + 1)
+        kernel = mgpu_decode_attention if backend == "mosaic" else decode_attention
+        return kernel(q, k_cache, v_cache, positions[:, -1] + 1)
     batch, q_len, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)

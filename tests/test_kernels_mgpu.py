@@ -1,5 +1,5 @@
-"""The Mosaic GPU (Hopper) flash attention kernels, forward and backward, checked without a GPU
-in two halves.
+"""The Mosaic GPU (Hopper) attention kernels, flash forward and backward and decode, checked
+without a GPU in two halves.
 
 1. Lowering: each kernel is lowered for the "cuda" platform on this CPU-only machine, through
    Mosaic GPU down to its sm_90a module, which must hold wgmma, TMA and mbarrier instructions.
@@ -22,8 +22,10 @@ import pytest
 from jax import lax
 
 from kernels import flash_attention_mgpu as mgpu
+from kernels import decode_attention_mgpu as mgpu_decode
 from kernels import flash_attention_mgpu_bwd as mgpu_bwd
 from kernels import mgpu_ops as ops
+from kernels.decode_attention import decode_attention
 from kernels.flash_attention import flash_attention
 from kernels.reference import attention_reference
 
@@ -186,6 +188,47 @@ def test_backward_protocol_interpreted(case, register_ops_in_jnp):
         assert rel_err(g, w) < 1e-2, name
 
 
+DECODE_CASES = {  # batch, Tq, S, H, Hkv, D
+    "d20-b8-8192": (8, 1, 8192, 10, 10, 128),
+    "gqa2-tq3-ragged-d64": (3, 3, 700, 4, 2, 64),
+}
+
+
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_decode_lowers_for_hopper(case):
+    batch, q_len, cache_len, heads, kv_heads, head_dim = DECODE_CASES[case]
+    q = jax.ShapeDtypeStruct((batch, q_len, heads, head_dim), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((batch, cache_len, kv_heads, head_dim), jnp.bfloat16)
+    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    module = jax.jit(mgpu_decode.mgpu_decode_attention).trace(q, cache, cache, lengths).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert re.findall(r"custom_call @([\w$.]+)\(", module) == ["mosaic_gpu_v2"]
+    instructions = set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k16\.f32\.bf16\.bf16", module))
+    assert instructions == {"128", str(head_dim)}  # S = Q K^T (N = block_k) and O += P V (N = D)
+    assert "cp.async.bulk.tensor" in module and "mbarrier" in module
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_protocol_interpreted(splits, register_ops_in_jnp):
+    """Per-row lengths across chunk and block edges (full cache, mid-block, one key, none: a
+    query before position 0 gives 0), GQA with Tq=3 rows per head, against the Pallas kernel's
+    float32 reference path."""
+    params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
+    interpreter = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call")
+    q, k, v = random_qkv(4, 3, 700, 4, 2, 64)
+    lengths = jnp.array([700, 130, 1, 0], jnp.int32)
+    want = decode_attention(*[x.astype(jnp.float32) for x in (q, k, v)], lengths, interpret=True)
+    try:
+        got = mgpu_decode.mgpu_decode_attention(q, k, v, lengths, num_splits=splits,
+                                                interpret=params.InterpretGPUParams())
+    finally:
+        interpreter.reset_gpu_interpret_mode_state()
+    assert got.shape == q.shape and got.dtype == q.dtype
+    assert not np.isnan(np.asarray(got, np.float32)).any()
+    assert rel_err(got, want) < 1e-2
+    np.testing.assert_array_equal(np.asarray(got[3], np.float32), 0.0)  # length 0: nothing visible
+
+
 def test_unsupported_inputs_are_refused():
     q, k, v = random_qkv(1, 64, 64, 2, 2, 64)
     with pytest.raises(ValueError, match="bf16/fp16"):
@@ -201,6 +244,11 @@ def test_unsupported_inputs_are_refused():
         mgpu.mgpu_attention_forward(q, k, v)  # 2 stages of 128 x 256 K and V tiles: 320 KB
     with pytest.raises(ValueError, match="shared memory"):  # dQ: Q, dO, K and V tiles of 64 x 256: 256 KB
         mgpu_bwd.mgpu_attention_backward(q, k, v, q, jnp.zeros((1, 2, 256), jnp.float32), q)
+    q, k, v = random_qkv(1, 20, 256, 4, 1, 64)
+    with pytest.raises(ValueError, match="exceed the kernel's 64 rows"):  # 4 heads x 20 tokens
+        mgpu_decode.mgpu_decode_attention(q, k, v, jnp.array([256]))
+    with pytest.raises(ValueError, match="bf16/fp16"):
+        mgpu_decode.mgpu_decode_attention(q.astype(jnp.float32), k, v, jnp.array([256]))
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="runs the compiled kernels on a Hopper GPU")
@@ -216,3 +264,14 @@ def test_compiled_kernels_match_reference_on_gpu(case):
     _, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, causal=causal, mosaic=True), q, k, v)
     for name, got, want in zip("qkv", jax.jit(vjp)(d_out), want_grads):
         assert rel_err(got, want) < 1e-2, name
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="runs the compiled kernel on a Hopper GPU")
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_compiled_decode_matches_reference_on_gpu(case):
+    batch, q_len, cache_len, heads, kv_heads, head_dim = DECODE_CASES[case]
+    q, k, v = random_qkv(batch, q_len, cache_len, heads, kv_heads, head_dim)
+    lengths = jax.random.randint(jax.random.key(2), (batch,), 0, cache_len + 1).at[0].set(cache_len)
+    want = decode_attention(*[x.astype(jnp.float32) for x in (q, k, v)], lengths)
+    got = jax.jit(mgpu_decode.mgpu_decode_attention)(q, k, v, lengths)
+    assert rel_err(got, want) < 1e-2
