@@ -1,5 +1,6 @@
-"""What the Hopper (Mosaic GPU) attention kernels share: shared-memory layout, the TMA producer
-loop, and the register-level operations.
+"""What the Hopper (Mosaic GPU) attention kernels share: tile sizes and shared-memory layout, the
+kernel launch and the TMA producer loop, the register-level operations, masks and the online
+softmax.
 
 The register-level operations (wgmma from shared memory or registers, layout casts, iota,
 row-vector loads) are kept here, apart from the kernels' protocol of copies and barriers, so
@@ -79,7 +80,7 @@ def produce_ring(n_steps, stages: int, load, wait_free):
         wait_free(lax.rem(j, jnp.int32(stages)))
 
 
-# ---- register-level operations ---------------------------------------------------------------
+# ---- register-level operations (swapped for jnp in the interpreter tests) -------------------
 
 def matmul_nt(a_tile, b_tile, then=None):
     """A B^T in fp32 from two shared-memory tiles (B transposed by the wgmma descriptor, not
@@ -108,6 +109,14 @@ def in_wgmma_layout(x):
     return plgpu.layout_cast(x, plgpu.Layout.WGMMA if x.ndim == 2 else plgpu.Layout.WGMMA.reduce(1))
 
 
+def load_vector(ref, along: int):
+    """A (n,) shared-memory vector in the layout that broadcasts along dim `along` of a wgmma
+    accumulator: along=1 gives one value per row, along=0 one per column."""
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(along))
+
+
+# ---- masks and the online softmax, built on the operations above (run as they are in tests) --
+
 def visible(shape, first_q, first_k, kv_len: int, causal: bool, keys_dim: int = 1):
     """Which entries of a (queries, keys) score tile attention sees, or of a (keys, queries) one
     with keys_dim=0: real keys (not padding), and with `causal` none from a query's future.
@@ -131,9 +140,3 @@ def softmax_block(s, visible, acc, m, l):
     if visible is not None:
         p = jnp.where(visible, p, 0.0)
     return p, acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m_new, l * alpha + p.sum(axis=1)
-
-
-def load_vector(ref, along: int):
-    """A (n,) shared-memory vector in the layout that broadcasts along dim `along` of a wgmma
-    accumulator: along=1 gives one value per row, along=0 one per column."""
-    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(along))
