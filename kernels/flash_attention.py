@@ -63,11 +63,13 @@ def flash_attention(q, k, v, *, causal: bool = True, block_sizes: BlockSizes = B
     """Attention of q (B, T, H, D) over k, v (B, S, Hkv, D); differentiable in q, k, v.
     `mosaic`: run the Hopper kernels instead, kernels/flash_attention_mgpu.py forward and
     kernels/flash_attention_mgpu_bwd.py backward, with `mosaic_blocks` (forward, backward)."""
-    (check_supported if mosaic else check_attention_inputs)(q, k, v, causal)
-    interpret = default_interpret() if interpret is None else interpret
-    if mosaic and interpret:
-        raise ValueError("the Mosaic GPU kernels compile for Hopper GPUs only; they cannot be interpreted here")
-    return _flash(q, k, v, causal, _Mosaic(*mosaic_blocks) if mosaic else _Pallas(block_sizes, interpret))
+    if mosaic:
+        check_supported(q, k, v, causal)
+        if interpret:
+            raise ValueError("the Mosaic GPU kernels compile for Hopper GPUs only; they cannot be interpreted here")
+        return _flash(q, k, v, causal, _Mosaic(*mosaic_blocks))
+    check_attention_inputs(q, k, v, causal)
+    return _flash(q, k, v, causal, _Pallas(block_sizes, default_interpret() if interpret is None else interpret))
 
 
 @dataclasses.dataclass(frozen=True)

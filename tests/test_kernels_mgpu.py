@@ -28,6 +28,7 @@ from kernels import mgpu_ops as ops
 from kernels.decode_attention import decode_attention
 from kernels.flash_attention import flash_attention
 from kernels.reference import attention_reference
+from nanochat_jax import model as model_lib
 
 
 
@@ -275,3 +276,23 @@ def test_compiled_decode_matches_reference_on_gpu(case):
     want = decode_attention(*[x.astype(jnp.float32) for x in (q, k, v)], lengths)
     got = jax.jit(mgpu_decode.mgpu_decode_attention)(q, k, v, lengths)
     assert rel_err(got, want) < 1e-2
+
+
+def test_model_with_mosaic_attention_lowers_for_hopper():
+    """model.attention=mosaic end to end: the loss gradient is 3 Mosaic GPU kernels per layer
+    (forward, dQ, dK/dV) and the KV-cache decode step one decode kernel per layer, no Triton."""
+    cfg = model_lib.GPTConfig(vocab_size=256, n_layer=2, dim=256, n_head=4, n_kv_head=2, sequence_len=256,
+                              compute_dtype="bfloat16", attention="mosaic")
+    graphdef, params, _ = model_lib.abstract_model(cfg)
+    tokens = jax.ShapeDtypeStruct((2, 256), jnp.int32)
+    grad = jax.jit(jax.grad(lambda p, x, y: model_lib.loss_fn(graphdef, p, x, y)))
+    module = grad.trace(params, tokens, tokens).lower(lowering_platforms=("cuda",)).as_text()
+    assert re.findall(r"custom_call @([\w$.]+)\(", module).count("mosaic_gpu_v2") == 3 * cfg.n_layer
+    assert "triton" not in module
+
+    cache = jax.eval_shape(lambda: model_lib.empty_cache(cfg, 2, 256))
+    step = jax.jit(lambda p, x, c, pos: model_lib.decode(graphdef, p, x, c, pos))
+    module = step.trace(params, jax.ShapeDtypeStruct((2, 1), jnp.int32), cache,
+                        jax.ShapeDtypeStruct((2, 1), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert re.findall(r"custom_call @([\w$.]+)\(", module).count("mosaic_gpu_v2") == cfg.n_layer
+    assert "triton" not in module
