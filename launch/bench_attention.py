@@ -54,7 +54,8 @@ def add_arguments(parser):
     parser.add_argument("--decode-tq", type=int, default=1, help="new tokens per row")
     parser.add_argument("--pallas-blocks", default="128,128,64,64", help="block_q,block_k,block_q_bwd,block_k_bwd")
     parser.add_argument("--mosaic-blocks", default="64,128,2,64,64,2",
-                        help="block_q,block_k,stages of the mosaic forward, then of its backward")
+                        help="block_q,block_k,stages of the mosaic forward, then of its backward; several "
+                             "configs separated by ';' are each timed (a sweep)")
     parser.add_argument("--pallas-interpret", action="store_true", help="run pallas interpreted on CPU (slow)")
     parser.add_argument("--iters", type=int, default=10, help="timed calls per measurement")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls after compilation")
@@ -94,12 +95,23 @@ def time_call(fn, args, iters: int, warmup: int):
     return statistics.median(times), out
 
 
-def train_attention(backend: str, blocks: BlockSizes, mosaic_blocks: tuple[MgpuBlocks, MgpuBlocks]):
-    if backend == "pallas":
-        return lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=blocks)
-    if backend == "mosaic":
-        return lambda q, k, v: flash_attention(q, k, v, causal=True, mosaic=True, mosaic_blocks=mosaic_blocks)
-    return lambda q, k, v: attn_lib.attention(q, k, v, backend=backend, causal=True)
+def train_variants(backends, pallas_blocks: BlockSizes, mosaic_configs: list[tuple[MgpuBlocks, MgpuBlocks]]):
+    """(label, attention function) per backend, and per --mosaic-blocks config for mosaic (labelled
+    with its numbers when there are several, for a block-size sweep in one run)."""
+    variants = []
+    for backend in backends:
+        if backend == "pallas":
+            variants.append((backend, lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=pallas_blocks)))
+        elif backend == "mosaic":
+            for config in mosaic_configs:
+                numbers = ",".join(str(n) for blocks in config for n in (blocks.block_q, blocks.block_k, blocks.stages))
+                label = backend if len(mosaic_configs) == 1 else f"mosaic[{numbers}]"
+                variants.append((label, lambda q, k, v, config=config: flash_attention(
+                    q, k, v, causal=True, mosaic=True, mosaic_blocks=config)))
+        else:
+            variants.append((backend, lambda q, k, v, backend=backend: attn_lib.attention(
+                q, k, v, backend=backend, causal=True)))
+    return variants
 
 
 def forward_backward(fn):
@@ -114,7 +126,7 @@ def relative_error(a, b) -> float:
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def bench_train(name, shape, backends, dtype, kernel_blocks, args, notes) -> list[dict]:
+def bench_train(name, shape, variants, dtype, args, notes) -> list[dict]:
     batch, seq, heads, kv_heads, head_dim = shape
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (batch, seq, heads, head_dim), dtype)
@@ -123,10 +135,9 @@ def bench_train(name, shape, backends, dtype, kernel_blocks, args, notes) -> lis
     d_out = jax.random.normal(keys[3], q.shape, dtype)
     flops = 4 * batch * heads * seq * seq * head_dim / 2
     rows, reference = [], None
-    for backend in backends:
+    for backend, fn in variants:
         row = dict(shape=name, batch=batch, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                    backend=backend, fwd_s=None, fwd_tflops=None, fwd_bwd_s=None, fwd_bwd_tflops=None, err=None)
-        fn = train_attention(backend, *kernel_blocks)
         try:
             row["fwd_s"], out = time_call(fn, (q, k, v), args.iters, args.warmup)
             row["fwd_bwd_s"], _ = time_call(forward_backward(fn), (q, k, v, d_out), args.iters, args.warmup)
@@ -199,11 +210,13 @@ def main(argv=None):
         raise SystemExit("--iters must be >= 1 and --warmup >= 0")
     dtype = jnp.dtype(args.dtype if args.dtype != "auto" else
                       ("float32" if jax.default_backend() == "cpu" else "bfloat16"))
-    mosaic = _ints(args.mosaic_blocks)
-    if len(mosaic) != 6:
-        raise SystemExit(f"--mosaic-blocks takes 6 numbers, got {args.mosaic_blocks!r}")
+    mosaic = [_ints(config) for config in args.mosaic_blocks.split(";") if config.strip()]
+    if not mosaic or any(len(config) != 6 for config in mosaic):
+        raise SystemExit(f"--mosaic-blocks takes 6 numbers per config, configs separated by ';', "
+                         f"got {args.mosaic_blocks!r}")
     try:
-        kernel_blocks = (BlockSizes(*_ints(args.pallas_blocks)), (MgpuBlocks(*mosaic[:3]), MgpuBlocks(*mosaic[3:])))
+        pallas_blocks = BlockSizes(*_ints(args.pallas_blocks))
+        mosaic_configs = [(MgpuBlocks(*config[:3]), MgpuBlocks(*config[3:])) for config in mosaic]
     except (TypeError, ValueError) as err:
         raise SystemExit(f"bad --pallas-blocks or --mosaic-blocks: {err}")
     shapes = {name: model_shape(load_config(name), args) for name in args.shapes.split(",") if name}
@@ -224,7 +237,7 @@ def main(argv=None):
 
     train, decode = [], []
     for name, shape in shapes.items():
-        train += bench_train(name, shape, runnable, dtype, kernel_blocks, args, notes)
+        train += bench_train(name, shape, train_variants(runnable, pallas_blocks, mosaic_configs), dtype, args, notes)
         decode += bench_decode(name, shape, _ints(args.decode_lengths), decode_backends, dtype, args, notes)
     for note in notes:
         print(f"note: {note}")

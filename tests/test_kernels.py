@@ -19,7 +19,9 @@ import pytest
 
 from kernels.decode_attention import decode_attention
 from kernels.flash_attention import BlockSizes, flash_attention
+from kernels.mgpu_ops import MgpuBlocks
 from kernels.reference import attention_reference, decode_reference
+from launch.bench_attention import train_variants
 from nanochat_jax import attention as attn_lib
 from nanochat_jax import sharding
 from nanochat_jax.config import load_config
@@ -240,3 +242,11 @@ def test_bench_attention_runs_on_cpu():
         (512, "xla"), (512, "pallas"), (8192, "xla"), (8192, "pallas")]
     assert any("cudnn" in note for note in result["notes"])
     assert any("mosaic needs a Hopper GPU" in note for note in result["notes"])
+
+
+def test_bench_attention_sweeps_mosaic_block_configs():
+    """Several --mosaic-blocks configs give one timed variant each, labelled with its numbers."""
+    configs = [(MgpuBlocks(64, 128, 2), MgpuBlocks(64, 64, 2)), (MgpuBlocks(64, 128, 3), MgpuBlocks(64, 128, 2))]
+    labels = [label for label, _ in train_variants(["xla", "mosaic", "pallas"], BlockSizes(), configs)]
+    assert labels == ["xla", "mosaic[64,128,2,64,64,2]", "mosaic[64,128,3,64,128,2]", "pallas"]
+    assert [label for label, _ in train_variants(["mosaic"], BlockSizes(), configs[:1])] == ["mosaic"]
