@@ -37,10 +37,7 @@ def mgpu_decode_attention(q, k_cache, v_cache, lengths, *, block_k: int = 128, s
     check_decode_inputs(q, k_cache, v_cache)
     batch, q_len, heads, head_dim = q.shape
     cache_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    if not q.dtype == k_cache.dtype == v_cache.dtype or jnp.dtype(q.dtype).itemsize != 2:
-        raise ValueError(f"the Mosaic GPU kernel takes bf16/fp16 q and caches, got {q.dtype}, {k_cache.dtype}")
-    if head_dim % 64 or head_dim > 256:
-        raise ValueError(f"head dim {head_dim} is not a multiple of 64 up to 256")
+    ops.check_operands(q, k_cache, v_cache)
     if heads // kv_heads * q_len > ROWS:
         raise ValueError(f"{heads // kv_heads} query heads per KV head x {q_len} tokens exceed the kernel's "
                          f"{ROWS} rows")
@@ -114,11 +111,7 @@ def _decode_kernel(*, q_len, head_dim, block_k, chunk_blocks, stages, dtype):
 
         @pl.when(wg == 1)
         def _produce():
-            def load(j, slot):
-                keys = (b, pl.ds(start + j * block_k, block_k), h)
-                plgpu.copy_gmem_to_smem(k_ref.at[keys], k_ring.at[slot], k_ready.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[keys], v_ring.at[slot], v_ready.at[slot])
-
+            load = ops.key_block_loader(k_ref, v_ref, (k_ring, v_ring), kv_ready, b, h, block_k, first_key=start)
             ops.produce_ring(n_end, stages, load, lambda slot: plgpu.barrier_wait(kv_free.at[slot]))
 
     kv_ring = ops.tile_smem((stages, block_k, head_dim), dtype)

@@ -51,10 +51,7 @@ from kernels.mgpu_ops import CONSUMERS, MgpuBlocks
 def check_supported(q, k, v, causal: bool):
     """Raise ValueError unless this kernel handles these inputs (the caller can fall back)."""
     check_attention_inputs(q, k, v, causal)
-    if not q.dtype == k.dtype == v.dtype or jnp.dtype(q.dtype).itemsize != 2:
-        raise ValueError(f"the Mosaic GPU kernel takes bf16/fp16 q, k, v, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[3] % 64 or q.shape[3] > 256:
-        raise ValueError(f"head dim {q.shape[3]} is not a multiple of 64 up to 256")
+    ops.check_operands(q, k, v)
 
 
 def mgpu_attention_forward(q, k, v, *, causal: bool = True, blocks: MgpuBlocks = MgpuBlocks(),
@@ -159,12 +156,8 @@ def _forward_kernel(*, q_len, kv_len, group, head_dim, block_q, block_k, stages,
 
         @pl.when(wg == CONSUMERS)
         def _produce():
-            kv_head = lax.div(h, jnp.int32(group))
-
-            def load(j, slot):
-                rows = (b, pl.ds(j * block_k, block_k), kv_head)
-                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
+            load = ops.key_block_loader(k_ref, v_ref, (k_smem, v_smem), (k_ready, v_ready), b,
+                                        lax.div(h, jnp.int32(group)), block_k)
 
             def wait_free(slot):
                 plgpu.barrier_wait(k_free.at[slot])

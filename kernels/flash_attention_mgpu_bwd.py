@@ -142,13 +142,7 @@ def _dq_kernel(*, q_len, kv_len, group, head_dim, block_q, block_k, stages, caus
 
         @pl.when(wg == CONSUMERS)
         def _produce():
-            kv_head = lax.div(h, jnp.int32(group))
-
-            def load(j, slot):
-                keys = (b, pl.ds(j * block_k, block_k), kv_head)
-                plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
-
+            load = ops.key_block_loader(k_ref, v_ref, kv_smem, kv_ready, b, lax.div(h, jnp.int32(group)), block_k)
             ops.produce_ring(cta_steps, stages, load, lambda slot: plgpu.barrier_wait(kv_free.at[slot]))
 
     row_tile = ops.tile_smem((CONSUMERS, block_q, head_dim), dtype)

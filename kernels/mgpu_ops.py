@@ -35,6 +35,14 @@ class MgpuBlocks:
             raise ValueError(f"block_q and block_k must be multiples of 64 and stages >= 2, got {self}")
 
 
+def check_operands(q, k, v):
+    """Raise ValueError unless q, k, v (..., D) are what the kernels' wgmma and TMA tiles take."""
+    if not q.dtype == k.dtype == v.dtype or jnp.dtype(q.dtype).itemsize != 2:
+        raise ValueError(f"the Mosaic GPU kernels take bf16/fp16 q, k, v, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] % 64 or q.shape[-1] > 256:
+        raise ValueError(f"head dim {q.shape[-1]} is not a multiple of 64 up to 256")
+
+
 def check_smem(nbytes: int, tiles: str):
     """Refuse tile sizes (described by `tiles`) whose buffers need more shared memory than a CTA has."""
     if nbytes > SMEM_BYTES:
@@ -58,6 +66,16 @@ def warp_specialized(body, scratch, *, out_type, grid, grid_names, interpret, co
     return plgpu.kernel(entry, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=consumers + 1,
                         thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
                         interpret=interpret)
+
+
+def key_block_loader(k_ref, v_ref, rings, ready, batch, kv_head, block_k: int, first_key=0):
+    """load(step, slot) for produce_ring: TMA copies of keys first_key + step * block_k onwards of
+    K and V (B, S, Hkv, D) into slot `slot` of `rings` (K's, V's), completing `ready` (K's, V's)."""
+    def load(step, slot):
+        keys = (batch, pl.ds(first_key + step * block_k, block_k), kv_head)
+        for ref, ring, barrier in zip((k_ref, v_ref), rings, ready):
+            plgpu.copy_gmem_to_smem(ref.at[keys], ring.at[slot], barrier.at[slot])
+    return load
 
 
 def produce_ring(n_steps, stages: int, load, wait_free):

@@ -20,14 +20,16 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from kernels.decode_attention import decode_attention
-from kernels.decode_attention_mgpu import mgpu_decode_attention
+from kernels.decode_attention_mgpu import ROWS, mgpu_decode_attention
 from kernels.flash_attention import flash_attention
 from nanochat_jax import sharding
 
 ATTENTION_AXES = ("batch", None, "act_heads", None)  # the sequence is never split for the kernel
 
 BACKENDS = ("auto", "xla", "cudnn", "pallas", "mosaic")
-DECODE_KERNEL_ROWS = 64  # query rows per KV head up to which cached attention uses a decode kernel
+# Query rows per KV head up to which cached attention uses a decode kernel: what the Mosaic GPU one
+# takes (one wgmma tile); beyond it (long prefill chunks) the einsum version does better anyway.
+DECODE_KERNEL_ROWS = ROWS
 
 
 def resolve_backend(name: str, dtype) -> str:
