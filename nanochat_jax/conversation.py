@@ -54,6 +54,11 @@ def render_for_completion(tok, conversation) -> list[int]:
     return ids + [tok.encode_special("<|assistant_start|>")]
 
 
+def check_conversation(conversation) -> None:
+    """Raise ConversationError (naming the message) unless `conversation` renders."""
+    _turns(conversation)
+
+
 def _turns(conversation) -> list[tuple[str, object]]:
     """Validate the conversation; return its (role, content) turns, the system message merged."""
     if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
