@@ -3,6 +3,7 @@
 A checkpoint is one step directory with five items: `params` and `opt_state` (pytrees of sharded
 arrays; every process writes only its own shards), `data` (the data iterator's state), `config`
 (the run's config as a dict) and `meta` (run metadata: val_bpb, wall time, ...; `step` is added).
+An imported model (`interop.nanochat`) has no `opt_state`: fine-tuning starts a fresh optimizer.
 A sixth item, `checksums`, holds an exact checksum of every array: Orbax reads a data file whose
 bytes changed without complaint whenever the damaged bytes still decode.
 
@@ -190,19 +191,20 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, params, opt_state, data_state, config, meta, force: bool = False) -> bool:
-        """Start saving `step` if it is due (or `force`d); True if a save was started."""
+        """Start saving `step` if it is due (or `force`d); True if a save was started.
+
+        `opt_state` None saves no optimizer state (an imported model: fine-tuning starts afresh)."""
         # the interval test first: listing the saved steps reads the directory, and this runs every step
         if not (force or self._manager.should_save(step)) or step in self._manager.all_steps():
             return False
         config = config.to_dict() if hasattr(config, "to_dict") else config
-        sums = {"params": checksums(params), "opt_state": checksums(opt_state)}
+        arrays = {"params": params} if opt_state is None else {"params": params, "opt_state": opt_state}
         return self._manager.save(step, force=True, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            opt_state=ocp.args.StandardSave(opt_state),
+            **{name: ocp.args.StandardSave(tree) for name, tree in arrays.items()},
             data=ocp.args.JsonSave(_jsonable(data_state)),
             config=ocp.args.JsonSave(_jsonable(config)),
             meta=ocp.args.JsonSave(_jsonable({**meta, "step": step})),
-            checksums=ocp.args.JsonSave(sums),
+            checksums=ocp.args.JsonSave({name: checksums(tree) for name, tree in arrays.items()}),
         ))
 
     def wait(self):

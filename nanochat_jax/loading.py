@@ -1,5 +1,9 @@
 """Load a trained model for inference: parameters only (never the optimizer state), placed on
-the local devices, with the config and tokenizer it was trained with."""
+the local devices, with the config and tokenizer it was trained with.
+
+A checkpoint says which tokenizer it uses: one saved beside its steps (`<run>/tokenizer/`, as an
+import from nanochat writes, with nanochat's tiktoken vocabulary) travels with it; without one,
+the model was trained here with the run's tokenizer in `$NANOCHAT_BASE_DIR/tokenizer`."""
 import dataclasses
 from pathlib import Path
 
@@ -10,7 +14,7 @@ from ml_collections import ConfigDict
 from nanochat_jax import model as model_lib
 from nanochat_jax import paths
 from nanochat_jax.checkpoint import STAGES, abstract_tree, load_info, load_params
-from nanochat_jax.tokenizer import Tokenizer
+from nanochat_jax.tokenizer import Tokenizer, load_tokenizer
 
 
 @dataclasses.dataclass
@@ -19,7 +23,7 @@ class LoadedModel:
     params: dict
     model_cfg: model_lib.GPTConfig
     config: ConfigDict
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer  # or tokenizer_tiktoken.TiktokenTokenizer: the same interface
     step: int
     directory: Path
 
@@ -39,6 +43,12 @@ def find_checkpoint_dir(stage: str, tag: str | None = None) -> Path:
     return max(runs, key=lambda p: p.stat().st_mtime)
 
 
+def tokenizer_dir_of(directory: Path) -> Path:
+    """The tokenizer a checkpoint directory uses: its own if it has one, else the run's."""
+    own = Path(directory) / "tokenizer"
+    return own if own.is_dir() else paths.tokenizer_dir()
+
+
 def load_model(stage: str, step: int | None = None, *, tag: str | None = None) -> LoadedModel:
     """The model of a stage's checkpoint (latest step unless given), replicated on the local devices."""
     directory = find_checkpoint_dir(stage, tag)
@@ -48,8 +58,9 @@ def load_model(stage: str, step: int | None = None, *, tag: str | None = None) -
     graphdef, shapes, _ = model_lib.abstract_model(model_cfg)
     mesh = jax.sharding.Mesh(jax.local_devices()[:1], ("data",))
     params, _ = load_params(directory, info["step"], params_target=abstract_tree(shapes, NamedSharding(mesh, P())))
-    tokenizer = Tokenizer.load(paths.tokenizer_dir())
+    tok_dir = tokenizer_dir_of(directory)
+    tokenizer = load_tokenizer(tok_dir)
     if tokenizer.vocab_size != model_cfg.vocab_size:
-        raise ValueError(f"the tokenizer in {paths.tokenizer_dir()} has {tokenizer.vocab_size:,} tokens but the "
+        raise ValueError(f"the tokenizer in {tok_dir} has {tokenizer.vocab_size:,} tokens but the "
                          f"model in {directory} was trained with {model_cfg.vocab_size:,}")
     return LoadedModel(graphdef, params, model_cfg, config, tokenizer, info["step"], directory)

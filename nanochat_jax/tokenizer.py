@@ -184,3 +184,12 @@ class Tokenizer:
                 run.append(token_id)
         out.append(self.sp.decode(run))
         return "".join(out)
+
+
+def load_tokenizer(directory):
+    """The tokenizer saved in `directory`, of the kind its files say: SentencePiece (`tokenizer.model`,
+    trained here) or tiktoken (`tiktoken.json`, nanochat's, from an imported checkpoint)."""
+    from nanochat_jax.tokenizer_tiktoken import ENCODING_FILE, TiktokenTokenizer  # it imports this module
+    if (Path(directory) / ENCODING_FILE).exists():
+        return TiktokenTokenizer.load(directory)
+    return Tokenizer.load(directory)
