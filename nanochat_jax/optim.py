@@ -39,18 +39,32 @@ def orthogonalize(g, steps: int = 5, dtype=jnp.bfloat16):
     """Newton-Schulz quintic iteration towards the nearest semi-orthogonal matrix, in `dtype`.
 
     Runs on the wide orientation (rows <= cols) of nanochat's PyTorch-layout matrix g.T, so it
-    performs the same arithmetic as nanochat for square matrices too.
+    performs the same arithmetic as nanochat for square matrices too. The matrix products run in
+    `dtype`; the scalar products and sums between them run in fp32 on the `dtype` values and are
+    rounded once, as nanochat's compiled iteration does, whose `b * A + c * A @ A` is
+    `b*A + (c*A) @ A`. (A Python float times a bf16 array would round the coefficient to bf16
+    first in JAX, 3.4445 -> 3.4375.)
     """
     a, b, c = NS_COEFFS
     x = g.astype(dtype)
     transposed = x.shape[0] >= x.shape[1]  # g.T (PyTorch layout) is wide iff g is tall or square
     if transposed:
         x = x.T
-    x = x / (jnp.linalg.norm(x.astype(jnp.float32)) + 1e-7).astype(dtype)
+    norm = (jnp.linalg.norm(x.astype(jnp.float32)) + 1e-7).astype(dtype)
+    x = (_stored(x) / _stored(norm)).astype(dtype)
     for _ in range(steps):
         gram = x @ x.T
-        x = a * x + (b * gram + c * (gram @ gram)) @ x
+        poly = (b * _stored(gram) + _stored((c * _stored(gram)).astype(dtype) @ gram)).astype(dtype)
+        x = (a * _stored(x) + _stored(poly @ x)).astype(dtype)
     return x.T if transposed else x
+
+
+def _stored(x):
+    """x in fp32, holding exactly the value a `x.dtype` array stores: XLA may otherwise skip the
+    rounding of an fp32 result to bf16 when it is converted back (excess precision), and the
+    iteration amplifies such differences to percents within five steps."""
+    info = jnp.finfo(x.dtype)
+    return jax.lax.reduce_precision(x.astype(jnp.float32), info.nexp, info.nmant)
 
 
 def muon_lr_scale(shape) -> float:
@@ -77,8 +91,8 @@ def scale_by_muon(momentum_schedule, ns_steps: int = 5, ns_dtype=jnp.bfloat16) -
         mu = momentum_schedule(state.count)
         momentum = jax.tree.map(lambda buf, g: mu * buf + (1 - mu) * g, state.momentum, grads)
         nesterov = jax.tree.map(lambda buf, g: g + mu * (buf - g), momentum, grads)
-        updates = jax.tree.map(
-            lambda u: (orthogonalize(u, ns_steps, ns_dtype) * muon_lr_scale(u.shape)).astype(u.dtype), nesterov)
+        updates = jax.tree.map(  # the boost multiplies in fp32, as nanochat's `alpha` does
+            lambda u: orthogonalize(u, ns_steps, ns_dtype).astype(u.dtype) * muon_lr_scale(u.shape), nesterov)
         return updates, MuonState(optax.safe_increment(state.count), momentum)
 
     return optax.GradientTransformation(init, update)

@@ -9,6 +9,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -34,6 +35,30 @@ def ns_reference(w, steps=5):
     return x.T if transposed else x
 
 
+def ns_bf16_reference(w, steps=5):
+    """nanochat's zeropower_via_newtonschulz5 with its bf16 roundings, on an (out, in) matrix.
+
+    Every tensor nanochat's compiled function stores is bf16; matrix products and the norm
+    accumulate in fp32; what it fuses between two stored tensors (a product with an fp32 scalar,
+    then a sum) is computed in fp32 and rounded once. Here sums run in float64, then round to
+    fp32 (as an accumulator or FMA would) and to bf16.
+    """
+    def bf16(v):
+        return np.asarray(v, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+    a, b, c = np.float32(NS_A), np.float32(NS_B), np.float32(NS_C)
+    x = bf16(w)
+    transposed = x.shape[0] > x.shape[1]
+    if transposed:
+        x = x.T
+    x = bf16(x / bf16(np.linalg.norm(x) + 1e-7))
+    for _ in range(steps):
+        gram = bf16(x @ x.T)
+        poly = bf16(b * gram + bf16(bf16(c * gram) @ gram))
+        x = bf16(a * x + bf16(poly @ x))
+    return x.T if transposed else x
+
+
 def lrm_reference(it, n, warmup_ratio, warmdown_ratio, final_lr_frac):
     """nanochat's get_lr_multiplier."""
     warmup, warmdown = round(warmup_ratio * n), round(warmdown_ratio * n)
@@ -45,11 +70,11 @@ def lrm_reference(it, n, warmup_ratio, warmdown_ratio, final_lr_frac):
     return progress + (1 - progress) * final_lr_frac
 
 
-def reference_updates(params, grad_steps, t, dim, n):
+def reference_updates(params, grad_steps, t, dim, n, ns=ns_reference):
     """nanochat's update of each step: Muon on blocks/*, AdamW on wte and lm_head.
 
     Takes and returns flat {path: array} dicts in Flax layout; Muon runs on the (out, in)
-    transpose. Params are tracked because AdamW's weight decay reads them.
+    transpose, orthogonalised by `ns`. Params are tracked because AdamW's weight decay reads them.
     """
     scale = (dim / 768) ** -0.5
     adam_lr = {"wte": t.embedding_lr * scale, "lm_head": t.unembedding_lr * scale}
@@ -76,7 +101,7 @@ def reference_updates(params, grad_steps, t, dim, n):
                 buf[k] = mu * buf[k] + (1 - mu) * g
                 g = g + mu * (buf[k] - g)
                 rows, cols = g.shape
-                updates[k] = (-t.matrix_lr * lrm * math.sqrt(max(1, rows / cols)) * ns_reference(g)).T
+                updates[k] = (-t.matrix_lr * lrm * math.sqrt(max(1, rows / cols)) * ns(g)).T
             params[k] = params[k] + updates[k]
         steps.append(updates)
     return steps
@@ -138,10 +163,22 @@ def test_orthogonalize_matches_nanochat(shape):
     kernel = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     expected = ns_reference(kernel.T).T
     np.testing.assert_allclose(optim.orthogonalize(jnp.asarray(kernel), dtype=jnp.float32), expected, atol=1e-5)
-    # bf16 NS drifts ~5% (Frobenius) from exact arithmetic; nanochat's own bf16 run drifts ~3-4%.
-    out = optim.orthogonalize(jnp.asarray(kernel))
-    assert out.dtype == jnp.bfloat16
-    assert rel_err(out.astype(jnp.float32), expected) < 0.1
+
+
+@pytest.mark.parametrize("shape", NS_SHAPES)
+def test_bf16_orthogonalize_rounds_as_nanochat(shape):
+    """bf16 NS has nanochat's roundings, not merely its precision: one step is bit-exact, and so
+    are five here. Coefficients rounded to bf16 (3.4445 -> 3.4375) changed half the elements of
+    one step and drifted 5-7% (Frobenius) in five, and so did fp32 scalar products whose bf16
+    roundings XLA skipped under jit. The iteration amplifies any rounding difference, so five
+    steps are held to 1%, not bits, against another CPU's accumulation order."""
+    kernel = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    orthogonalize = jax.jit(optim.orthogonalize, static_argnames="steps")  # jitted, as training runs it
+    one_step = orthogonalize(jnp.asarray(kernel), steps=1)
+    assert one_step.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(one_step, np.float64), ns_bf16_reference(kernel.T, steps=1).T)
+    five_steps = orthogonalize(jnp.asarray(kernel)).astype(jnp.float32)
+    assert rel_err(five_steps, ns_bf16_reference(kernel.T).T) < 0.01
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -179,14 +216,20 @@ def test_build_optimizer_matches_nanochat(ns, request):
     params = random_tree(0)
     grad_steps = [random_tree(s, {"wte": 0.1, "lm_head": 3.0}) for s in range(1, 5)]
     got = run(optim.build_optimizer(t, D, n), params, grad_steps)
-    expected = reference_updates(flat(params), [flat(g) for g in grad_steps], t, D, n)
-    muon_tol = 1e-5 if ns == "float32" else 0.1  # bf16 NS: ~7% seen, as for orthogonalize alone
+    expected = reference_updates(flat(params), [flat(g) for g in grad_steps], t, D, n,
+                                 ns_reference if ns == "float32" else ns_bf16_reference)
+    muon_errors = []
     for step, (got_step, want_step) in enumerate(zip(got, expected)):
         for k, got_leaf in flat(got_step).items():
             if k[0] == "blocks":
-                assert rel_err(got_leaf, want_step[k]) < muon_tol, (step, k)
+                muon_errors.append(rel_err(got_leaf, want_step[k]))
             else:
                 np.testing.assert_allclose(got_leaf, want_step[k], rtol=1e-4, atol=1e-9, err_msg=str((step, k)))
+    if ns == "float32":
+        assert max(muon_errors) < 1e-5
+    else:  # most updates bit-exact; where the fp32 momentum (float64 here) moves a bf16 input, NS
+        # amplifies it (1.5% seen). Coefficients rounded to bf16 gave 5% median, 7% max.
+        assert np.median(muon_errors) < 1e-3 and max(muon_errors) < 0.03
 
 
 def test_group_learning_rates_d20():
@@ -257,6 +300,7 @@ def test_grad_clip_rescales_to_global_norm():
     unclipped_tx = optim.build_optimizer(train_cfg(grad_clip=0.0), D, 100)
     rescaled = run(unclipped_tx, params, [g1, jax.tree.map(lambda g: clip / global_norm(g2) * g, g2)])
     for got, want in zip(clipped, rescaled):
-        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-8), got, want)
+        # atol: Muon updates are ~1e-3 and five fp32 NS steps leave round-off of a few 1e-8
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7), got, want)
     raw = run(unclipped_tx, params, [g1, jax.tree.map(lambda g: 1000 * g, g2)])
     assert not np.allclose(raw[1]["wte"], clipped[1]["wte"], rtol=1e-2)

@@ -13,6 +13,8 @@ from nanochat_jax.tasks.mmlu import MMLU
 from nanochat_jax.tasks.smoltalk import SmolTalk
 from nanochat_jax.tasks.sources import TaskDataError
 from nanochat_jax.tasks.spelling import SimpleSpelling, SpellingBee
+from nanochat_jax.tasks.synthetic import ArithmeticRL, ArithmeticWordProblems, IdentityConversations
 
 __all__ = ["ARC", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "SimpleSpelling", "SmolTalk", "CustomJSON",
-           "Task", "TaskMixture", "TaskSequence", "TaskDataError", "render_mc"]
+           "IdentityConversations", "ArithmeticWordProblems", "ArithmeticRL", "Task", "TaskMixture", "TaskSequence",
+           "TaskDataError", "render_mc"]
