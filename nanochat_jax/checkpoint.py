@@ -2,7 +2,8 @@
 
 A checkpoint is one step directory with five items: `params` and `opt_state` (pytrees of sharded
 arrays; every process writes only its own shards), `data` (the data iterator's state), `config`
-(the run's config as a dict) and `meta` (run metadata: val_bpb, wall time, ...; `step` is added).
+(the run's config as a dict) and `meta` (run metadata: val_bpb, wall time, ...; `step` is added,
+and `tokenizer_sha256` when the saver names its tokenizer: see `tokenizer_hash`).
 An imported model (`interop.nanochat`) has no `opt_state`: fine-tuning starts a fresh optimizer.
 A sixth item, `checksums`, holds an exact checksum of every array: Orbax reads a data file whose
 bytes changed without complaint whenever the damaged bytes still decode.
@@ -18,6 +19,7 @@ types (int dict keys, optax namedtuples; without a target Orbax would return "0"
 With no step given, restore takes the newest usable checkpoint: a step that cannot be read or
 fails its checksums is reported with a `CorruptCheckpointWarning` and the one before is tried.
 """
+import hashlib
 import json
 import math
 import time
@@ -31,6 +33,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from nanochat_jax import paths
+from nanochat_jax.tokenizer_tiktoken import TiktokenTokenizer
 
 STAGES = ("base", "mid", "sft", "rl")
 
@@ -56,6 +59,20 @@ def abstract_tree(shapes, shardings):
     if isinstance(shardings, jax.sharding.Sharding):
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), shapes)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of a tokenizer's model, recorded in a checkpoint so that loading can refuse another
+    tokenizer of the same vocabulary size (token ids mean nothing with the wrong one). SentencePiece:
+    the model bytes, i.e. the `tokenizer.model` file. tiktoken: its pattern, special tokens and
+    ranks in a fixed order, so the value does not depend on how the JSON file was written."""
+    if isinstance(tokenizer, TiktokenTokenizer):
+        enc = tokenizer.encoding
+        model = json.dumps([enc._pat_str, sorted(enc._special_tokens.items()),
+                            sorted((rank, token.hex()) for token, rank in enc._mergeable_ranks.items())]).encode()
+    else:
+        model = tokenizer.model_proto
+    return hashlib.sha256(model).hexdigest()
 
 
 # ---- integrity ---------------------------------------------------------------------------------
@@ -169,41 +186,42 @@ class Checkpointer:
     """Periodic asynchronous checkpoints of one run, keeping the newest `keep` (None: all).
 
     Call `save` every step: it writes at multiples of `every` (None: only when forced, like
-    nanochat's save_every=-1) and, on several hosts, at the step where `reached_preemption` turns
-    True. To save on SIGTERM/SIGINT, the signal handler only sets a flag; the loop then calls
-    `save(step, ..., force=True)` and `wait()` from its own thread, never from the handler (the
-    interrupted code may be inside a save). That is safe with an async save still running (it is
-    finished first) and when `step` is already saved (a no-op). On several hosts every process must
-    make the same calls at the same step, so such a flag has to be agreed on (e.g. all-reduced).
+    nanochat's save_every=-1). To save on SIGTERM/SIGINT, the signal handler only sets a flag; the
+    loop then calls `save(step, ..., force=True)` and `wait()` from its own thread, never from the
+    handler (the interrupted code may be inside a save). That is safe with an async save still
+    running (it is finished first) and when `step` is already saved (a no-op). On several hosts
+    every process must make the same calls at the same step, so such a flag has to be agreed on
+    (e.g. all-reduced, as base_train's StopRequest does).
     """
 
     def __init__(self, directory, *, keep: int | None = 3, every: int | None = 1000):
         self.directory = Path(directory)
-        policies = [ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]  # jax.distributed's preemption notice
-        if every:
-            policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(every))
+        interval = [ocp.checkpoint_managers.FixedIntervalPolicy(every)] if every else []
         options = ocp.CheckpointManagerOptions(
-            save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies),
+            save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(interval),
             preservation_policy=ocp.checkpoint_managers.LatestN(keep),
             enable_async_checkpointing=True,
             cleanup_tmp_directories=True,  # half-written saves of a killed run
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
-    def save(self, step: int, params, opt_state, data_state, config, meta, force: bool = False) -> bool:
+    def save(self, step: int, params, opt_state, data_state, config, meta, force: bool = False, *,
+             tokenizer_hash: str | None = None) -> bool:
         """Start saving `step` if it is due (or `force`d); True if a save was started.
 
-        `opt_state` None saves no optimizer state (an imported model: fine-tuning starts afresh)."""
+        `opt_state` None saves no optimizer state (an imported model: fine-tuning starts afresh).
+        `tokenizer_hash` (of the tokenizer the model was trained with) goes into meta as `tokenizer_sha256`."""
         # the interval test first: listing the saved steps reads the directory, and this runs every step
         if not (force or self._manager.should_save(step)) or step in self._manager.all_steps():
             return False
         config = config.to_dict() if hasattr(config, "to_dict") else config
         arrays = {"params": params} if opt_state is None else {"params": params, "opt_state": opt_state}
+        meta = {**meta, "step": step} | ({} if tokenizer_hash is None else {"tokenizer_sha256": tokenizer_hash})
         return self._manager.save(step, force=True, args=ocp.args.Composite(
             **{name: ocp.args.StandardSave(tree) for name, tree in arrays.items()},
             data=ocp.args.JsonSave(_jsonable(data_state)),
             config=ocp.args.JsonSave(_jsonable(config)),
-            meta=ocp.args.JsonSave(_jsonable({**meta, "step": step})),
+            meta=ocp.args.JsonSave(_jsonable(meta)),
             checksums=ocp.args.JsonSave({name: checksums(tree) for name, tree in arrays.items()}),
         ))
 
@@ -219,11 +237,6 @@ class Checkpointer:
 
     def __exit__(self, *exc):
         self.close()
-
-    def reached_preemption(self, step: int) -> bool:
-        """True at the step every host agreed on after jax.distributed's preemption notifier caught
-        a SIGTERM on any of them (multi-host runs only): `save` writes it; the loop should then stop."""
-        return self._manager.reached_preemption(step)
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())

@@ -3,7 +3,9 @@ the local devices, with the config and tokenizer it was trained with.
 
 A checkpoint says which tokenizer it uses: one saved beside its steps (`<run>/tokenizer/`, as an
 import from nanochat writes, with nanochat's tiktoken vocabulary) travels with it; without one,
-the model was trained here with the run's tokenizer in `$NANOCHAT_BASE_DIR/tokenizer`."""
+the model was trained here with the run's tokenizer in `$NANOCHAT_BASE_DIR/tokenizer`. A
+checkpoint that recorded its tokenizer's hash loads only with that tokenizer: one retrained since,
+even of the same size, would turn the model's token ids into other text."""
 import dataclasses
 from pathlib import Path
 
@@ -13,8 +15,9 @@ from ml_collections import ConfigDict
 
 from nanochat_jax import model as model_lib
 from nanochat_jax import paths
-from nanochat_jax.checkpoint import STAGES, abstract_tree, load_info, load_params
-from nanochat_jax.tokenizer import Tokenizer, load_tokenizer
+from nanochat_jax.checkpoint import STAGES, abstract_tree, load_info, load_params, tokenizer_hash
+from nanochat_jax.tokenizer import MODEL_FILE, Tokenizer, load_tokenizer
+from nanochat_jax.tokenizer_tiktoken import ENCODING_FILE, TiktokenTokenizer
 
 
 @dataclasses.dataclass
@@ -55,12 +58,24 @@ def load_model(stage: str, step: int | None = None, *, tag: str | None = None) -
     info = load_info(directory, step)
     config = ConfigDict(info["config"])
     model_cfg = model_lib.GPTConfig.from_config(config.model)
+    tokenizer = checked_tokenizer(directory, info, model_cfg)
     graphdef, shapes, _ = model_lib.abstract_model(model_cfg)
     mesh = jax.sharding.Mesh(jax.local_devices()[:1], ("data",))
     params, _ = load_params(directory, info["step"], params_target=abstract_tree(shapes, NamedSharding(mesh, P())))
+    return LoadedModel(graphdef, params, model_cfg, config, tokenizer, info["step"], directory)
+
+
+def checked_tokenizer(directory: Path, info: dict, model_cfg: model_lib.GPTConfig):
+    """The checkpoint's tokenizer, refused unless it is the one the model was trained with."""
     tok_dir = tokenizer_dir_of(directory)
     tokenizer = load_tokenizer(tok_dir)
     if tokenizer.vocab_size != model_cfg.vocab_size:
         raise ValueError(f"the tokenizer in {tok_dir} has {tokenizer.vocab_size:,} tokens but the "
                          f"model in {directory} was trained with {model_cfg.vocab_size:,}")
-    return LoadedModel(graphdef, params, model_cfg, config, tokenizer, info["step"], directory)
+    recorded, actual = info["meta"].get("tokenizer_sha256"), tokenizer_hash(tokenizer)
+    if recorded is not None and recorded != actual:
+        tok_file = tok_dir / (ENCODING_FILE if isinstance(tokenizer, TiktokenTokenizer) else MODEL_FILE)
+        raise ValueError(f"{tok_file} (sha256 {actual[:16]}...) is not the tokenizer the checkpoint "
+                         f"{directory / str(info['step'])} was trained with (sha256 {recorded[:16]}...): "
+                         f"put that tokenizer back, or train the model again")
+    return tokenizer

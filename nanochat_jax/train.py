@@ -16,14 +16,22 @@ from nanochat_jax import model as model_lib
 from nanochat_jax import optim, sharding
 
 
-def grad_accum_steps(train_cfg, sequence_len: int, batch_shards: int) -> int:
-    """Micro-batches per step so that each step sees `total_batch_size` tokens."""
-    per_micro = train_cfg.device_batch_size * sequence_len * batch_shards
-    if train_cfg.total_batch_size % per_micro:
-        raise ValueError(
-            f"total_batch_size {train_cfg.total_batch_size} is not a multiple of device_batch_size "
-            f"{train_cfg.device_batch_size} x sequence_len {sequence_len} x {batch_shards} batch shards = {per_micro}")
-    return train_cfg.total_batch_size // per_micro
+def batch_geometry(train_cfg, sequence_len: int, batch_shards: int) -> tuple[int, int]:
+    """(micro-batches per step, rows per device in each) so that each step sees `total_batch_size` tokens.
+
+    A total below one micro-batch over all devices (tiny's 16 x 256 tokens on 8 devices) takes fewer
+    rows per device rather than stopping: the step keeps the tokens the config asks for."""
+    total, rows = train_cfg.total_batch_size, train_cfg.device_batch_size
+    per_row = sequence_len * batch_shards
+    if total < rows * per_row:
+        if total % per_row:
+            raise ValueError(f"total_batch_size {total} is smaller than one micro-batch and not a multiple of "
+                             f"sequence_len {sequence_len} x {batch_shards} batch shards = {per_row}")
+        rows = total // per_row
+    if total % (rows * per_row):
+        raise ValueError(f"total_batch_size {total} is not a multiple of device_batch_size {rows} x sequence_len "
+                         f"{sequence_len} x {batch_shards} batch shards = {rows * per_row}")
+    return total // (rows * per_row), rows
 
 
 def horizon(train_cfg, n_params: int, flops_per_token: int) -> int:
@@ -125,10 +133,14 @@ def build_training(cfg, mesh=None, num_iterations: int | None = None) -> Trainin
     tx = optim.build_optimizer(cfg.train, model_cfg.dim, num_iterations)
     opt_shardings = optimizer_shardings(tx, shapes, param_shardings, mesh)
     shards = sharding.batch_shards(mesh, rules)
-    accum = grad_accum_steps(cfg.train, model_cfg.sequence_len, shards)
+    accum, rows = batch_geometry(cfg.train, model_cfg.sequence_len, shards)
+    if rows != cfg.train.device_batch_size and jax.process_index() == 0:
+        print(f"total_batch_size {cfg.train.total_batch_size:,} is less than device_batch_size "
+              f"{cfg.train.device_batch_size} x sequence_len {model_cfg.sequence_len} x {shards} batch shards: "
+              f"using {rows} rows per device", flush=True)
     batch_sharding = sharding.batch_sharding(mesh, rules, ndim=3, batch_dim=1)
     step = make_train_step(graphdef, tx, mesh, rules, param_shardings, opt_shardings, batch_sharding)
-    batch_shape = (accum, cfg.train.device_batch_size * shards, model_cfg.sequence_len)
+    batch_shape = (accum, rows * shards, model_cfg.sequence_len)
     return Training(model_cfg, graphdef, mesh, rules, tx, param_shardings, opt_shardings, batch_sharding,
                     batch_shape, num_iterations, step)
 

@@ -2,6 +2,7 @@
 past a corrupt newest checkpoint, and loading weights for inference on another sharding."""
 import dataclasses
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -22,8 +23,10 @@ from ml_collections import ConfigDict
 
 from nanochat_jax import checkpoint as ckpt
 from nanochat_jax import model as model_lib
-from nanochat_jax import sharding
+from nanochat_jax import paths, sharding
 from nanochat_jax.config import load_config
+from nanochat_jax.loading import load_model
+from nanochat_jax.tokenizer import train_tokenizer
 from nanochat_jax.train import build_training
 
 SEQ = 32
@@ -278,6 +281,39 @@ def test_eight_device_checkpoint_resumes_on_one_device(tmp_path, cfg, training, 
         for a, e, s in zip(jax.tree.leaves(restored), jax.tree.leaves(expected), jax.tree.leaves(shardings)):
             assert a.sharding == s and len(a.sharding.device_set) == 1
             np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+def word_tokenizer(words: list[str]):
+    """A small SentencePiece tokenizer (300 tokens) trained on sentences of `words`."""
+    sentences = (" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(2000))
+    return train_tokenizer(sentences, 300)
+
+
+def test_a_checkpoint_loads_only_with_the_tokenizer_it_recorded(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    ours = word_tokenizer(["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa", "lambda"])
+    other = word_tokenizer(["red", "green", "blue", "yellow", "purple", "orange", "violet", "indigo", "cyan"])
+    assert other.vocab_size == ours.vocab_size  # the size check alone would let it through
+    ours.save(paths.tokenizer_dir())
+    model_file = paths.tokenizer_dir() / "tokenizer.model"
+    assert ckpt.tokenizer_hash(ours) == hashlib.sha256(model_file.read_bytes()).hexdigest()  # as `sha256sum` says
+
+    cfg = small_config()
+    cfg.model.vocab_size = ours.vocab_size
+    params = model_lib.init_params(model_lib.GPTConfig.from_config(cfg.model), jax.random.key(0))
+    with ckpt.Checkpointer(ckpt.checkpoint_dir("base", "recorded"), every=None) as ck:
+        ck.save(3, params, None, {}, cfg, {}, force=True, tokenizer_hash=ckpt.tokenizer_hash(ours))
+    with ckpt.Checkpointer(ckpt.checkpoint_dir("base", "unrecorded"), every=None) as ck:
+        ck.save(3, params, None, {}, cfg, {}, force=True)  # as saved before hashes were recorded
+    assert ckpt.load_info(ckpt.checkpoint_dir("base", "recorded"))["meta"]["tokenizer_sha256"] == \
+        ckpt.tokenizer_hash(ours)
+    assert load_model("base", tag="recorded").step == 3
+
+    other.save(paths.tokenizer_dir())  # the tokenizer retrained since
+    with pytest.raises(ValueError, match=r"tokenizer/tokenizer\.model .* is not the tokenizer the checkpoint "
+                                         r".*checkpoints/base/recorded/3 was trained with"):
+        load_model("base", tag="recorded")
+    assert load_model("base", tag="unrecorded").tokenizer.model_proto == other.model_proto
 
 
 def multihost_worker(directory: Path):

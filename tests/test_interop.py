@@ -82,6 +82,22 @@ def test_import_gives_nanochat_logits_tokens_and_greedy_text(base_dir, monkeypat
         np.testing.assert_allclose(logits, expected_logits[f"prompt{i}"], atol=2e-5, rtol=0)
 
 
+def test_imported_checkpoint_refuses_another_tiktoken_vocabulary(base_dir, fixture_tokenizer):
+    """Two merges that trade ranks: the same size and special tokens, but another vocabulary."""
+    nanochat.import_checkpoint(FIXTURE, "base")
+    directory = checkpoint_dir("base", "d2")
+    assert load_model("base", tag="d2").step == 150  # the hash survives the tokenizer's save and load
+    enc = fixture_tokenizer.encoding
+    ranks = dict(enc._mergeable_ranks)
+    a, b = (token for token, rank in ranks.items() if rank in (300, 301))
+    ranks[a], ranks[b] = ranks[b], ranks[a]
+    swapped = tiktoken.Encoding(name=enc.name, pat_str=enc._pat_str, mergeable_ranks=ranks,
+                                special_tokens=enc._special_tokens)
+    TiktokenTokenizer(swapped).save(directory / "tokenizer")
+    with pytest.raises(ValueError, match=r"d2/tokenizer/tiktoken\.json .* is not the tokenizer the checkpoint "
+                                         r".*base/d2/150 was trained with"):
+        load_model("base", tag="d2")
+
 @pytest.mark.slow  # compiles the engine at chat_cli's buckets
 def test_imported_model_serves_through_a_stage_launcher(base_dir, capsys):
     from launch import chat_cli

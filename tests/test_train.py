@@ -1,12 +1,12 @@
-"""The training step: sharded runs equal single-device runs, accumulation equals one big batch,
-and a small batch can be overfitted."""
+"""The training step: sharded runs equal single-device runs (also when a small total batch takes
+fewer rows per device), accumulation equals one big batch, and a small batch can be overfitted."""
 import jax
 import numpy as np
 import pytest
 
 from nanochat_jax import sharding
 from nanochat_jax.config import load_config
-from nanochat_jax.train import build_training, grad_accum_steps, horizon
+from nanochat_jax.train import batch_geometry, build_training, horizon
 
 SEQ = 32
 
@@ -46,7 +46,8 @@ def test_eight_devices_match_one():
     # Losses, not parameters, are compared: AdamW with eps=1e-10 turns round-off-sized gradients of
     # rare tokens into full-LR steps, so parameters differ in a few elements by design.
     one, _ = run_losses(small_config(16, 16 * SEQ), jax.devices()[:1])
-    fsdp, params_fsdp = run_losses(small_config(2, 16 * SEQ), jax.devices())
+    # 16 rows per device asked for, but 16 sequences over 8 devices: lowered to 2 rows per device
+    fsdp, params_fsdp = run_losses(small_config(16, 16 * SEQ), jax.devices())
     mixed, _ = run_losses(small_config(2, 16 * SEQ, data=2, fsdp=4), jax.devices())
     assert len(set(one.tolist())) == len(one)  # the parameters do change between steps
     np.testing.assert_allclose(fsdp, one, rtol=2e-5)
@@ -80,8 +81,19 @@ def test_overfits_one_batch():
 def test_batch_geometry_errors_are_clear():
     cfg = small_config(16, 1000)
     with pytest.raises(ValueError, match="not a multiple"):
-        grad_accum_steps(cfg.train, SEQ, 1)
-    assert grad_accum_steps(small_config(4, 64 * SEQ).train, SEQ, 2) == 8
+        batch_geometry(cfg.train, SEQ, 1)
+    assert batch_geometry(small_config(4, 64 * SEQ).train, SEQ, 2) == (8, 4)
+    with pytest.raises(ValueError, match="smaller than one micro-batch"):  # 4 sequences cannot fill 8 shards
+        batch_geometry(small_config(16, 4 * SEQ).train, SEQ, 8)
+
+
+def test_tiny_on_eight_devices_takes_fewer_rows_per_device(capsys):
+    # tiny asks for 4,096 tokens per step with 16 rows of 256 per device: 8 devices would need 32,768.
+    cfg = load_config("tiny")
+    training = build_training(cfg, mesh=sharding.make_mesh(cfg.mesh, jax.devices()))
+    assert training.batch_shape == (1, 16, 256)  # 4,096 tokens: 16 sequences, 2 on each device
+    assert "using 2 rows per device" in capsys.readouterr().out
+    assert training.local_rows == 16
 
 
 def test_horizon_precedence():

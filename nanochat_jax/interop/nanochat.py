@@ -19,7 +19,7 @@ import tiktoken
 
 from configs.base import base_config
 from nanochat_jax import model as model_lib
-from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
+from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, tokenizer_hash
 from nanochat_jax.interop.torch_files import BadCheckpointFile, read_pt, restricted_loads, write_pt
 from nanochat_jax.tokenizer_tiktoken import TiktokenTokenizer
 
@@ -192,7 +192,7 @@ def import_checkpoint(source, stage: str = "base", step: int | None = None, tag:
         raise IncompatibleCheckpoint(f"weights whose shapes do not match the model config: {bad[:6]}")
     meta = {"imported_from": str(ckpt / f"model_{step:06d}.pt"), "tokenizer": "tiktoken"}
     with Checkpointer(out, keep=None, every=None) as checkpointer:
-        checkpointer.save(step, params, None, {}, cfg, meta, force=True)
+        checkpointer.save(step, params, None, {}, cfg, meta, force=True, tokenizer_hash=tokenizer_hash(tokenizer))
         checkpointer.wait()
     tokenizer.save(out / "tokenizer")
     result = {"directory": str(out), "step": step, "tag": tag, "stage": stage, "n_layer": model_config["n_layer"],
