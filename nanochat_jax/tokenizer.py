@@ -2,9 +2,12 @@
 
 The trained model is a SentencePiece BPE with byte fallback (every UTF-8 text round-trips
 exactly), digits split one by one, no text normalisation, and nanochat's nine special tokens as
-*control* symbols at fixed ids 1..9 (id 0 is SentencePiece's unused `<unk>`). Control symbols are
-never matched in text, so a user typing `<|assistant_end|>` gets plain-text tokens, not the
-control token; only `encode_special` yields special ids.
+*control* symbols at fixed ids 1..9 (id 0 is SentencePiece's unused `<unk>`). Pieces still start
+at spaces but may join letters with punctuation (`'s`, `said,`, `.\nAnd`), much as nanochat's
+regex chunks `'s` and `"The` do: SentencePiece's default split between Unicode scripts forbids
+that and cost 3.5-27% in bytes/token (docs/benchmarks.md). Control symbols are never matched in
+text, so a user typing `<|assistant_end|>` gets plain-text tokens, not the control token; only
+`encode_special` yields special ids.
 """
 import io
 import os
@@ -24,6 +27,7 @@ SPECIAL_TOKENS = (
 SPECIAL_IDS = {name: 1 + i for i, name in enumerate(SPECIAL_TOKENS)}
 SPACE_META = "\u2581"  # SentencePiece's stand-in for a space; a literal one in text must be escaped
 MODEL_FILE, TOKEN_BYTES_FILE = "tokenizer.model", "token_bytes.npy"
+MAX_PIECE_CHARS = 32  # nanochat's longest tokens are 32 bytes; SentencePiece's default cap is 16
 
 
 def train_tokenizer(sentences: Iterable[str], vocab_size: int, *, num_threads: int = 0,
@@ -42,6 +46,7 @@ def train_tokenizer(sentences: Iterable[str], vocab_size: int, *, num_threads: i
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=model, model_type="bpe", vocab_size=vocab_size,
         byte_fallback=True, character_coverage=0.9999, split_digits=True,
+        split_by_unicode_script=False, max_sentencepiece_length=MAX_PIECE_CHARS,
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
         allow_whitespace_only_pieces=True, max_sentence_length=max_sentence_length,
         unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, control_symbols=list(SPECIAL_TOKENS),
@@ -52,7 +57,7 @@ def train_tokenizer(sentences: Iterable[str], vocab_size: int, *, num_threads: i
     return Tokenizer(model.getvalue())
 
 
-TRAINING_BYTES_PER_CHAR = 14  # SentencePiece's peak RSS per training character (measured: 2.8 GB for 203M)
+TRAINING_BYTES_PER_CHAR = 18  # SentencePiece's peak RSS per training character (measured: 1.08 GB for 60M)
 
 
 def max_training_pieces(memory_bytes: int | None = None, piece_chars: int = 4096) -> int:

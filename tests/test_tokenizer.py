@@ -2,6 +2,7 @@
 and the tok_train launcher."""
 import json
 import random
+import unicodedata
 
 import numpy as np
 import pytest
@@ -80,6 +81,36 @@ def test_token_bytes_sum_to_utf8_length(tok):
         assert int(token_bytes[ids].sum()) == len(tok.decode(ids).encode("utf-8"))
     # raw bytes, not a lossy decode: each byte-fallback token is one byte
     assert token_bytes[tok.sp.piece_to_id("<0xE2>")] == 1
+
+
+def test_pieces_join_letters_and_punctuation(tok):
+    """No split between Unicode scripts: punctuation merges with letters, as in nanochat's `'s` chunk
+    (SentencePiece's default keeps every Latin letter apart from every punctuation mark)."""
+    def mixed(piece: str) -> bool:
+        return any(c.isalpha() for c in piece) and any(unicodedata.category(c).startswith("P") for c in piece)
+    pieces = [tok.id_to_bytes(i).decode("utf-8", "replace") for i in range(tok.vocab_size)]
+    assert sum(map(mixed, pieces)) >= 10
+    assert len(tok.encode("'s")) == 1
+
+
+LONG_WORD = "electroencephalographically"
+
+
+@pytest.fixture(scope="module")
+def skewed_tok():
+    """Trained on a corpus dominated by one 27-letter word and one year, padded with random words."""
+    rng = random.Random(0)
+    filler = [" ".join("".join(rng.choice("abcdefghij") for _ in range(3)) for _ in range(20)) for _ in range(200)]
+    return train_tokenizer([f"an {LONG_WORD} word in 1865\n"] * 100 + filler, 500)
+
+
+def test_pieces_may_exceed_sixteen_characters(skewed_tok):
+    """SentencePiece's default cap is 16 characters; nanochat's longest tokens are 32 bytes."""
+    assert [skewed_tok.id_to_bytes(i) for i in skewed_tok.encode(" " + LONG_WORD)] == [f" {LONG_WORD}".encode()]
+
+
+def test_digits_stay_single_tokens(skewed_tok):
+    assert [skewed_tok.id_to_bytes(i) for i in skewed_tok.encode(" 1865")] == [b" ", b"1", b"8", b"6", b"5"]
 
 
 def test_save_load_and_errors(tok, tmp_path):
