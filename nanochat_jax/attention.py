@@ -60,16 +60,20 @@ def xla_attention(q, k, v, *, causal: bool = True):
     return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
 
 
-def cached_attention(q, k_cache, v_cache, positions, *, backend: str = "xla"):
+def cached_attention(q, k_cache, v_cache, positions, *, backend: str = "xla", kv_len: int | None = None):
     """Queries (B, T, H, D) at absolute `positions` (B, T) against a KV cache (B, S, Hkv, D): each
     query sees the cached keys at positions up to its own (later slots hold stale or no data).
-    With a kernel backend (pallas, mosaic) and at most DECODE_KERNEL_ROWS query rows per KV head
-    (a decode step, a short prefill chunk), kernels/decode_attention.py (or its Mosaic GPU
-    version) runs instead; it takes each row's T positions to be consecutive, as the engine's
-    always are."""
+    The `xla` version reads only the first `kv_len` slots (a static bound above every position;
+    None: all S), so a large preallocated cache costs nothing until it is filled. With a kernel
+    backend (pallas, mosaic) and at most DECODE_KERNEL_ROWS query rows per KV head (a decode step,
+    a short prefill chunk), kernels/decode_attention.py (or its Mosaic GPU version) runs instead:
+    it skips each row's blocks past its own length, so it takes the whole cache (a slice would be
+    a copy), and it takes each row's T positions to be consecutive, as the engine's always are."""
     if backend in ("pallas", "mosaic") and q.shape[1] * (q.shape[2] // k_cache.shape[2]) <= DECODE_KERNEL_ROWS:
         kernel = mgpu_decode_attention if backend == "mosaic" else decode_attention
         return kernel(q, k_cache, v_cache, positions[:, -1] + 1)
+    if kv_len is not None:
+        k_cache, v_cache = k_cache[:, :kv_len], v_cache[:, :kv_len]
     batch, q_len, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)

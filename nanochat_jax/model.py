@@ -131,11 +131,13 @@ class CausalSelfAttention(nnx.Module):
         self.c_v = Linear(cfg.dim, cfg.n_kv_head * hd, ("embed", "heads"), rngs=rngs)
         self.c_proj = Linear(cfg.n_head * hd, cfg.dim, ("heads", "embed"), rngs=rngs, zero_init=True)
 
-    def __call__(self, x, cos, sin, cache=None, positions=None, layer: int = 0):
-        """Self-attention over the sequence; or, with `cache` = (k, v) of shape (layers, B, S, Hkv, D),
-        the new tokens' keys and values are written into layer `layer` at their `positions` (B, T)
-        and the queries attend to every cached position up to their own. Returns (out, cache) then.
-        The cache is updated in place (one slice written), never copied whole."""
+    def __call__(self, x, cos, sin, cache=None, positions=None, kv_len=None):
+        """Self-attention over the sequence; or, with `cache` = this layer's {"k", "v"} of shape
+        (B, S, Hkv, D), the new tokens' keys and values are written at their `positions` (B, T) and
+        the queries attend to the cached positions up to their own, reading only the first `kv_len`
+        slots (None: all S). Returns (out, cache) then. The write is a scatter into the layer's own
+        buffer, which XLA does in place when the cache is donated; in one (layers, ...) array it
+        copied the whole cache at every step."""
         cfg, (batch, seq, _) = self.cfg, x.shape
         q = constrain(self.c_q(x).reshape(batch, seq, cfg.n_head, cfg.head_dim), ACT_HEADS)
         k = constrain(self.c_k(x).reshape(batch, seq, cfg.n_kv_head, cfg.head_dim), ACT_HEADS)
@@ -146,10 +148,10 @@ class CausalSelfAttention(nnx.Module):
             y = attn_lib.attention(q, k, v, backend=cfg.attention, causal=True)
             return self.c_proj(y.reshape(batch, seq, cfg.n_head * cfg.head_dim))
         rows = jnp.arange(batch)[:, None]
-        k_cache = cache[0].at[layer, rows, positions].set(k.astype(cache[0].dtype))
-        v_cache = cache[1].at[layer, rows, positions].set(v.astype(cache[1].dtype))
-        y = attn_lib.cached_attention(q, k_cache[layer], v_cache[layer], positions, backend=cfg.attention)
-        return self.c_proj(y.reshape(batch, seq, cfg.n_head * cfg.head_dim)), (k_cache, v_cache)
+        cache = {name: cache[name].at[rows, positions].set(new.astype(cache[name].dtype), unique_indices=True)
+                 for name, new in (("k", k), ("v", v))}
+        y = attn_lib.cached_attention(q, cache["k"], cache["v"], positions, backend=cfg.attention, kv_len=kv_len)
+        return self.c_proj(y.reshape(batch, seq, cfg.n_head * cfg.head_dim)), cache
 
 
 class MLP(nnx.Module):
@@ -171,8 +173,8 @@ class Block(nnx.Module):
         x = x + self.mlp(rms_norm(x))
         return constrain(x, ACT)
 
-    def cached(self, x, cos, sin, cache, positions, layer: int):
-        y, cache = self.attn(rms_norm(x), cos, sin, cache, positions, layer)
+    def cached(self, x, cos, sin, cache, positions, kv_len):
+        y, cache = self.attn(rms_norm(x), cos, sin, cache, positions, kv_len)
         x = x + y
         return x + self.mlp(rms_norm(x)), cache
 
@@ -202,20 +204,23 @@ class GPT(nnx.Module):
                 x = run(state, x)
         return rms_norm(x)
 
-    def decode(self, idx, cache: dict, positions, logits_at=None):
+    def decode(self, idx, cache: list, positions, logits_at=None, kv_len=None):
         """Logits of new tokens `idx` (B, T) at absolute `positions` (B, T), and the cache with their
-        keys and values written: {"k", "v"} of shape (layers, B, S, Hkv, D). With `logits_at` (B,),
-        only each row's logits at that index of T are computed, (B, vocab): a prefill needs one."""
+        keys and values written: one {"k", "v"} of shape (B, S, Hkv, D) per layer. Attention reads
+        the first `kv_len` slots (a static bound above every position; None: all of them). With
+        `logits_at` (B,), only each row's logits at that index of T are computed, (B, vocab): a
+        prefill needs one."""
         cfg = self.cfg
         cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_base)
         x = rms_norm(jnp.take(self.wte[...], idx, axis=0).astype(cfg.dtype))
-        kv = (cache["k"], cache["v"])
-        for i, block in enumerate(self.blocks):
-            x, kv = block.cached(x, cos, sin, kv, positions, i)
+        new_cache = []
+        for block, layer_cache in zip(self.blocks, cache, strict=True):
+            x, layer_cache = block.cached(x, cos, sin, layer_cache, positions, kv_len)
+            new_cache.append(layer_cache)
         if logits_at is not None:
             x = x[jnp.arange(x.shape[0]), logits_at]
         logits = softcap_logits(self.lm_head(rms_norm(x)), cfg.softcap)
-        return logits, {"k": kv[0], "v": kv[1]}
+        return logits, new_cache
 
     def __call__(self, idx, positions=None):
         """Softcapped fp32 logits (B, T, vocab)."""
@@ -274,14 +279,15 @@ def init_params(cfg: GPTConfig, key, shardings=None):
     return jax.jit(init, out_shardings=shardings)(key)
 
 
-def empty_cache(cfg: GPTConfig, batch: int, length: int) -> dict:
-    """A zeroed KV cache for `batch` rows of up to `length` positions, in the compute dtype."""
-    shape = (cfg.n_layer, batch, length, cfg.n_kv_head, cfg.head_dim)
-    return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+def empty_cache(cfg: GPTConfig, batch: int, length: int) -> list:
+    """A zeroed KV cache for `batch` rows of up to `length` positions, in the compute dtype: per
+    layer, {"k", "v"} of shape (batch, length, Hkv, D)."""
+    shape = (batch, length, cfg.n_kv_head, cfg.head_dim)
+    return [{"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)} for _ in range(cfg.n_layer)]
 
 
-def decode(graphdef, params, idx, cache, positions, logits_at=None):
-    return nnx.merge(graphdef, params).decode(idx, cache, positions, logits_at)
+def decode(graphdef, params, idx, cache, positions, logits_at=None, kv_len=None):
+    return nnx.merge(graphdef, params).decode(idx, cache, positions, logits_at, kv_len)
 
 
 def forward(graphdef, params, idx, positions=None):

@@ -6,6 +6,9 @@ c_proj left at init_params' zeros, a token's logits depend on that token alone, 
 solved so that each scripted token's successors get the top logit.
 """
 import dataclasses
+import json
+import math
+import re
 import types
 
 import jax
@@ -85,9 +88,9 @@ def test_chunked_prefill_equals_one_shot(model):
         n = len(prompt)
         (logits_a, cache_a), (logits_b, cache_b) = one_shot.prefill_prompt(prompt), chunked.prefill_prompt(prompt)
         np.testing.assert_allclose(np.asarray(logits_a), np.asarray(logits_b), atol=1e-5)
-        for name in ("k", "v"):  # slots past the prompt hold padding, which differs and is never read
-            np.testing.assert_allclose(np.asarray(cache_a[name][:, :, :n]), np.asarray(cache_b[name][:, :, :n]),
-                                       atol=1e-5)
+        for a, b in zip(jax.tree.leaves(cache_a), jax.tree.leaves(cache_b), strict=True):
+            # slots past the prompt hold padding, which differs and is never read
+            np.testing.assert_allclose(np.asarray(a[:, :n]), np.asarray(b[:, :n]), atol=1e-5)
         assert (new_tokens(chunked, prompt, max_tokens=10, temperature=0.0)
                 == new_tokens(one_shot, prompt, max_tokens=10, temperature=0.0))
     with pytest.raises(ValueError, match="must divide"):
@@ -149,6 +152,64 @@ def test_fsdp_sharded_params_give_the_same_output(model):
                                                                                      **kwargs)
 
 
+def copied_elements(compiled) -> list[int]:
+    """Element counts of the arrays a compiled program copies (XLA `copy` ops)."""
+    lines = [line.split(" copy")[0] for line in compiled.as_text().splitlines() if re.search(r" copy(-start)?\(", line)]
+    return [max(math.prod(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\w+\[([\d,]*)\]", line))
+            for line in lines]
+
+
+def test_decode_step_and_admission_write_the_cache_in_place(model):
+    """No compiled step copies a cache-sized buffer: the decode step (sampling or not) writes each
+    new key/value into the donated cache, and so does generate_many's admission of a prompt."""
+    *_, engine = model
+    rows, capacity = 4, 256
+    cache = engine.empty_cache(rows, capacity)
+    layer_elements = rows * capacity * CFG.n_kv_head * CFG.head_dim
+    tokens, positions = np.zeros((rows, 1), np.int32), np.full(rows, 5, np.int32)
+    ids = np.zeros(rows, np.int32)
+    steps = {
+        "decode": engine.decode_step.lower(engine.params, tokens, cache, positions, kv_len=8),
+        "sample": engine._sample_step.lower(engine.params, tokens, cache, positions, ids.astype(np.uint32), ids, ids,
+                                            1.0, top_k=5, kv_len=8),
+        "admit": engine.insert_rows.lower(cache, engine.prefill_prompt(PROMPTS[1])[1], np.array([1, 3], np.int32)),
+    }
+    for name, lowered in steps.items():
+        copied = copied_elements(lowered.compile())
+        assert all(n < layer_elements // 8 for n in copied), (name, copied)
+
+
+@pytest.mark.parametrize("n_kv_head", [2, 4])
+def test_generate_many_rows_equal_generate_batch_per_prompt(model, n_kv_head):
+    """Prompts of different lengths decoding together, at most 4 rows (2 prompts) at once, give
+    each prompt's generate_batch rows: greedily, and (with GQA) sampled with seed + prompt index.
+    A prompt near the context stops there (generate_batch is asked for exactly what fits)."""
+    engine = model[2]
+    if n_kv_head != CFG.n_kv_head:
+        cfg = dataclasses.replace(CFG, n_kv_head=n_kv_head)
+        engine = Engine(model_lib.abstract_model(cfg)[0], random_params(cfg), cfg, StubTokenizer(), buckets=BUCKETS)
+    prompts = PROMPTS + [list(range(1, 60))]
+    cases = [dict(temperature=0.0)] + ([dict(temperature=1.0, top_k=8, seed=11)] if n_kv_head == 2 else [])
+    for kwargs in cases:
+        many = engine.generate_many(prompts, num_samples=2, max_tokens=9, max_rows=5, **kwargs)
+        seed = kwargs.pop("seed", 0)
+        for i, prompt in enumerate(prompts):
+            alone = engine.generate_batch(prompt, 2, max_tokens=min(9, CFG.sequence_len - len(prompt)),
+                                          seed=seed + i, **kwargs)
+            assert many[i] == alone, (kwargs, i)
+    assert [len(row) for row in many[-1][0]] == [CFG.sequence_len] * 2
+
+
+def test_generate_many_checks_its_arguments(model):
+    *_, engine = model
+    assert engine.generate_many([]) == []
+    for prompts, kwargs, message in (([[]], {}, "1 to 63 tokens"), ([[1] * 64], {}, "1 to 63 tokens"),
+                                     ([[1]], dict(num_samples=4, max_rows=3), "max_rows 3 is fewer"),
+                                     ([[1]], dict(top_k=0), "top_k"), ([[1]], dict(max_tokens=0), "at least 1")):
+        with pytest.raises(ValueError, match=message):
+            engine.generate_many(prompts, **kwargs)
+
+
 # ---- stopping and tool use, with a scripted bigram model and a real tokenizer -------------------
 
 @pytest.fixture(scope="module")
@@ -203,20 +264,46 @@ def test_calculator_output_is_forced_with_mask_0(tokenizer):
     assert tokenizer.decode(results[0][len(prompt):]) == "<|python_start|>1+3<|python_end|><|output_start|>4<|output_end|>"
 
 
+def test_generate_many_runs_the_tool_and_stops_each_row_on_its_own(tokenizer):
+    """Rows that stop, call the calculator or run to the context end, one prompt's rows entering
+    as another's finish (max_rows 2): each prompt's rows and masks are generate_batch's."""
+    special = tokenizer.encode_special
+    start, end, bos = special("<|assistant_start|>"), special("<|assistant_end|>"), tokenizer.bos_id
+    py_start, py_end, out_end = special("<|python_start|>"), special("<|python_end|>"), special("<|output_end|>")
+    one, plus, three = tokenizer.encode("1+3")
+    a, b, c = tokenizer.encode("abc")
+    script = {start: [py_start], py_start: [one], one: [plus], plus: [three], three: [py_end], out_end: [end],
+              a: [end], b: [c], c: [b]}
+    engine = bigram_engine(tokenizer, script)
+    head = [bos, *tokenizer.encode("what is 1+3?")]
+    prompts = [head + [start], head + [a], [bos, b], head[:3] + [start], [bos] * 20 + [b]]
+    many = engine.generate_many(prompts, num_samples=2, max_tokens=16, temperature=0.0, max_rows=2)
+    for prompt, (rows, masks) in zip(prompts, many):
+        assert (rows, masks) == engine.generate_batch(prompt, 2, max_tokens=min(16, 32 - len(prompt)), temperature=0.0)
+    assert many[0][0][0][-1] == out_end and many[1][0][0] == prompts[1]  # the tool ran; a stopped at once
+    assert len(many[2][0][0]) == 2 + 16 and len(many[4][0][0]) == 32  # b c b c ... to max_tokens, to the context
+
+
 # ---- the benchmark -------------------------------------------------------------------------------
 
 def test_bench_infer_reports_throughput_and_bytes(capsys):
-    result = bench_infer.main(["--config=tiny", "--config.model.depth=1", "--prompt_len=8", "--steps=2",
-                               "--prefill_reps=1", "--warmup=0"])
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("{")
-    for batch in (1, 16):
-        assert result[f"decode_tokens_per_s_b{batch}"] == batch / result[f"decode_step_s_b{batch}"]
-        assert result[f"decode_floor_s_b{batch}"] is None  # no bandwidth for CPUs
-    assert result["prefill_tokens_per_s"] > 0 and result["cache_len"] == 64
-    cfg = model_lib.GPTConfig(vocab_size=4096, n_layer=1, dim=64, n_head=1, n_kv_head=1, sequence_len=256)
-    cache_row = 2 * cfg.n_layer * 64 * cfg.n_kv_head * cfg.head_dim * 4
-    assert result["cache_bytes_b16"] == 16 * cache_row
-    assert result["decode_bytes_b1"] == result["param_bytes"] - 4096 * 64 * 4 + 64 * 4 + cache_row
+    """Decode at each capacity (256, 512) for 1 and 16 rows reads what the valid length needs,
+    the same at both capacities: every weight (of the embedding, one row per token) plus the 64
+    slots of the bucket holding positions 8..9, for each row."""
+    result = bench_infer.main(["--config=tiny", "--config.model.depth=1", "--config.model.sequence_len=512",
+                               "--prompt_len=8", "--steps=2", "--prefill_reps=1", "--warmup=0", "--samples=2",
+                               "--new_tokens=3"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(result))
+    dim, vocab = 64, 4096  # depth 1: one layer of width 64, one head
+    assert result["param_bytes"] == 4 * model_lib.num_params(model_lib.GPTConfig(
+        vocab_size=vocab, n_layer=1, dim=dim, n_head=1, n_kv_head=1, sequence_len=512))
+    slot_bytes = 2 * 1 * 1 * 64 * 4  # k and v, one layer, one KV head of 64, fp32
+    assert [(d["rows"], d["capacity"]) for d in result["decode"]] == [(1, 256), (1, 512), (16, 256), (16, 512)]
+    for d in result["decode"]:
+        assert d["tokens_per_s"] == d["rows"] / d["step_s"] and d["floor_s"] is None  # no bandwidth for CPUs
+        assert d["kv_len"] == 64
+        assert d["bytes"] == result["param_bytes"] - vocab * dim * 4 + d["rows"] * (dim * 4 + 64 * slot_bytes)
+    assert result["prefill_tokens_per_s"] > 0 and result["generate_tokens_per_s"] == 2 * 3 / result["generate_s"]
     gpu = lambda kind: types.SimpleNamespace(platform="gpu", device_kind=kind)
     assert hardware.memory_bandwidth(gpu("NVIDIA H100 80GB HBM3")) == 3.35e12
     assert hardware.memory_bandwidth(gpu("NVIDIA H100 PCIe")) == 2.0e12

@@ -275,3 +275,22 @@ def test_kv_cache_decode_matches_full_forward(attention):
     positions = jnp.array([[9], [3]])
     logits, _ = model_lib.decode(graphdef, params, tokens[:, 3:4], cache, positions)
     np.testing.assert_allclose(np.asarray(logits[1, 0]), np.asarray(full[1, 3]), atol=1e-5)
+
+
+def test_decode_reads_only_the_first_kv_len_slots():
+    """With `kv_len`, attention never reads the slots past it: NaN there leaves the logits equal to
+    the full forward pass's, while reading the whole cache spreads it (0 x NaN is NaN)."""
+    cfg = model_lib.GPTConfig(vocab_size=64, n_layer=2, dim=32, n_head=4, n_kv_head=2, sequence_len=32)
+    graphdef, _, _ = model_lib.abstract_model(cfg)
+    params = random_params(cfg)
+    tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, 64)
+    full = model_lib.forward(graphdef, params, tokens)
+    _, cache = model_lib.decode(graphdef, params, tokens[:, :5], model_lib.empty_cache(cfg, 2, 32),
+                                jnp.broadcast_to(jnp.arange(5), (2, 5)))
+    cache = jax.tree.map(lambda x: x.at[:, 8:].set(jnp.nan), cache)
+    step = lambda kv_len: model_lib.decode(graphdef, params, tokens[:, 5:], cache, jnp.full((2, 1), 5), kv_len=kv_len)
+    logits, new_cache = step(8)
+    np.testing.assert_allclose(np.asarray(logits[:, 0]), np.asarray(full[:, 5]), atol=1e-5)
+    assert np.isnan(np.asarray(step(None)[0])).all()
+    assert all(np.isnan(np.asarray(x[:, 8:])).all() and not np.isnan(np.asarray(x[:, :8])).any()
+               for x in jax.tree.leaves(new_cache))
