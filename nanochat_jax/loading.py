@@ -46,6 +46,19 @@ def find_checkpoint_dir(stage: str, tag: str | None = None) -> Path:
     return max(runs, key=lambda p: p.stat().st_mtime)
 
 
+def newest_stage() -> str:
+    """rl, sft, mid or base: the furthest pipeline stage with a checkpoint on disk, which is what a
+    user means when they name none."""
+    for stage in reversed(STAGES):
+        try:
+            find_checkpoint_dir(stage)
+            return stage
+        except FileNotFoundError:
+            continue
+    raise FileNotFoundError("no checkpoint of any stage yet; train one with `python -m launch.speedrun --config=tiny` "
+                            "or `python -m launch.base_train`")
+
+
 def tokenizer_dir_of(directory: Path) -> Path:
     """The tokenizer a checkpoint directory uses: its own if it has one, else the run's."""
     own = Path(directory) / "tokenizer"
