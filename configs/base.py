@@ -70,6 +70,12 @@ def base_config(depth: int) -> ConfigDict:
     c.train.checkpoint_every = 1000         # steps between checkpoints (also at the end and on SIGTERM)
     c.train.checkpoint_keep = 3             # most recent checkpoints kept
     c.train.wandb_project = ""              # log to Weights & Biases when set (needs `pip install wandb`)
+    c.train.core_every = 2000               # CORE every this many steps, never at step 0 (<= 0: only at the end)
+    c.train.core_max_per_task = 500         # ... on at most this many examples per task (0: no CORE in training)
+
+    c.eval = ConfigDict()
+    c.eval.core_max_per_task = -1           # base_eval's examples per task (-1: all)
+    c.eval.core_tokens_per_device = 8192    # padded tokens per batch shard in one CORE forward pass
 
     c.mesh = ConfigDict()
     c.mesh.data = 1                         # pure data parallelism (params replicated)

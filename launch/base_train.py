@@ -5,10 +5,13 @@
 
 Needs a tokenizer (`python -m launch.tok_train`). Horizon: train.num_iterations, else
 train.target_flops, else train.target_param_data_ratio x params. Validation bits per byte every
-train.eval_every steps on a fixed val slice, greedy samples every train.sample_every steps, a log
-line per step (also appended as JSON to metrics.jsonl beside the checkpoints). Checkpoints every train.checkpoint_every steps, at the end, and on SIGTERM/SIGINT;
-re-running the same command resumes exactly from the latest good checkpoint. A NaN/inf loss stops
-the run (exit 3) and keeps the last good checkpoint. The last line is JSON.
+train.eval_every steps on a fixed val slice, CORE every train.core_every steps and at the end (on
+train.core_max_per_task examples per task; the bundle as in launch.base_eval), greedy samples
+every train.sample_every steps, a log line per step (also appended as JSON to metrics.jsonl beside
+the checkpoints). Checkpoints every train.checkpoint_every steps, at the end, and on SIGTERM/SIGINT,
+each recording the tokenizer's sha256 (resuming with another tokenizer is refused); re-running the
+same command resumes exactly from the latest good checkpoint. A NaN/inf loss stops the run (exit 3)
+and keeps the last good checkpoint. The last line is JSON.
 """
 import json
 import math
@@ -23,10 +26,11 @@ from jax.experimental import multihost_utils
 from launch import run
 from nanochat_jax import hardware, paths, report, sharding
 from nanochat_jax import model as model_lib
-from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
+from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, tokenizer_hash
 from nanochat_jax.config import config_from_args
 from nanochat_jax.data.pretrain import pretrain_loader
 from nanochat_jax.evals.bpb import bits_per_byte, make_bpb_sums
+from nanochat_jax.evals.core import training_evaluator
 from nanochat_jax.optim import lr_multiplier
 from nanochat_jax.sampling import greedy_generate
 from nanochat_jax.tokenizer import Tokenizer
@@ -124,12 +128,18 @@ def main(argv=None):
     checkpointer = Checkpointer(checkpoint_dir("base", cfg.name), keep=cfg.train.checkpoint_keep,
                                 every=cfg.train.checkpoint_every)
     loader = pretrain_loader(cfg, tok, "train", rows=training.local_rows)
+    tok_hash = tokenizer_hash(tok)
     meta = {"min_val_bpb": math.inf, "train_time_s": 0.0}
     if checkpointer.latest_step() is not None:
         params_target, opt_target = training.abstract_state()
         restored = checkpointer.restore(params_target=params_target, opt_target=opt_target)
         params, opt_state, start = restored["params"], restored["opt_state"], restored["step"]
         loader.set_state(restored["data"])
+        trained_with = restored["meta"].get("tokenizer_sha256")
+        if trained_with not in (None, tok_hash):
+            raise SystemExit(f"error: {paths.tokenizer_dir()} is not the tokenizer the checkpoint in "
+                             f"{checkpointer.directory} was trained with (sha256 {tok_hash[:12]}... vs "
+                             f"{trained_with[:12]}...): put that tokenizer back, or train from scratch elsewhere")
         meta.update(restored["meta"])
         print(f"resumed from step {start} in {checkpointer.directory}", flush=True)
     else:
@@ -139,6 +149,10 @@ def main(argv=None):
         print(f"already trained to step {start} of {num_iterations}", flush=True)
 
     sums_fn = make_bpb_sums(training.graphdef, tok.token_bytes(), training.mesh, training.rules)
+    try:
+        core_eval = training_evaluator(cfg, training.graphdef, tok, training.mesh, training.rules)
+    except ValueError as err:  # a cap beyond the packaged subset's 500, or too small for 10-shot tasks
+        raise SystemExit(f"error: train.core_max_per_task={cfg.train.core_max_per_task}: {err}") from None
     stop = StopRequest()
     lrm = lambda step: float(lr_multiplier(step, num_iterations, cfg.train.warmup_ratio, cfg.train.warmdown_ratio,
                                            cfg.train.final_lr_frac))
@@ -148,7 +162,8 @@ def main(argv=None):
 
     def save(force: bool):
         meta.update(step=step, val_bpb=val_bpb, num_iterations=num_iterations)
-        checkpointer.save(step, params, opt_state, loader.get_state(), cfg.to_dict(), dict(meta), force=force)
+        checkpointer.save(step, params, opt_state, loader.get_state(), cfg.to_dict(), dict(meta), force=force,
+                          tokenizer_hash=tok_hash)
 
     while step < num_iterations:
         t0 = time.perf_counter()
@@ -182,6 +197,13 @@ def main(argv=None):
             meta["min_val_bpb"] = min(meta["min_val_bpb"], val_bpb)
             log["val_bpb"] = val_bpb
             print(f"step {step:05d} | val bpb {val_bpb:.4f} (min {meta['min_val_bpb']:.4f})", flush=True)
+        if core_eval is not None and (last or (cfg.train.core_every > 0 and step % cfg.train.core_every == 0)):
+            core = core_eval(params)
+            log["core"] = meta["core"] = core.core
+            if jax.process_index() == 0:
+                shown = "n/a" if core.core is None else f"{core.core:.4f}"
+                print(f"step {step:05d} | CORE {shown} ({len(core.tasks)} tasks{', partial' if core.partial else ''}, "
+                      f"{core.examples} examples, {core.seconds:.1f}s)", flush=True)
         if last or (cfg.train.sample_every > 0 and step % cfg.train.sample_every == 0):
             print_samples(training, tok, params)
         if jax.process_index() == 0:
@@ -202,7 +224,7 @@ def main(argv=None):
     tokens_per_s = tokens_per_step * timed_steps / timed_s if timed_s else None
     result = {
         "step": step, "num_iterations": num_iterations, "val_bpb": val_bpb,
-        "min_val_bpb": None if math.isinf(meta["min_val_bpb"]) else meta["min_val_bpb"],
+        "min_val_bpb": None if math.isinf(meta["min_val_bpb"]) else meta["min_val_bpb"], "core": meta.get("core"),
         "tokens_per_s": tokens_per_s,
         "mfu": None if tokens_per_s is None else hardware.mfu(flops_per_token, tokens_per_s, jax.device_count()),
         "train_time_s": meta["train_time_s"], "num_params": n_params, "flops_per_token": flops_per_token,

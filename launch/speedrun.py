@@ -4,7 +4,7 @@
     python -m launch.speedrun --config=d20      # 8xH100
 
 Stages run as subprocesses with the same config and overrides: tokenizer training, tokenizer
-evaluation, base training, base loss. A stage that finished before (its result is stored under
+evaluation, base training, base loss, base evaluation (CORE). A stage that finished before (its result is stored under
 $NANOCHAT_BASE_DIR/speedrun/<config>/) is skipped, so re-running after an interruption picks up
 where it stopped (base training resumes from its checkpoint); `--force` reruns everything.
 Writes the report to $NANOCHAT_BASE_DIR/report/report.md and copies it to the working directory.
@@ -21,7 +21,7 @@ from launch import run
 from nanochat_jax import paths, report
 from nanochat_jax.config import config_from_args
 
-STAGES = ("tok_train", "tok_eval", "base_train", "base_loss")
+STAGES = ("tok_train", "tok_eval", "base_train", "base_loss", "base_eval")
 
 
 def run_stage(stage: str, args: list[str]) -> dict:
@@ -65,9 +65,10 @@ def main(argv=None):
             continue
         results[stage] = run_stage(stage, stage_args)
         marker.write_text(json.dumps(results[stage]))
-    out = report.generate(copy_to=Path.cwd())
+    out = report.generate(copy_to=Path.cwd(), tag=args.config)
     summary = {"config": args.config, "wall_time_s": round(time.time() - start, 1), "report": str(out),
-               "val_bpb": results["base_loss"].get("val_bpb"), "train_bpb": results["base_loss"].get("train_bpb")}
+               "val_bpb": results["base_loss"].get("val_bpb"), "train_bpb": results["base_loss"].get("train_bpb"),
+               "core": results["base_eval"].get("core")}
     print(f"\nreport: {out} (copied to ./report.md)")
     print(json.dumps(summary))
     return summary

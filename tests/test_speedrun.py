@@ -12,12 +12,32 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 ARGS = ["--config=tiny", "--config.tokenizer.vocab_size=512", "--config.tokenizer.max_chars=2000000",
         "--config.model.depth=2", "--config.model.sequence_len=64", "--config.train.device_batch_size=4",
         "--config.train.total_batch_size=256", "--config.train.num_iterations=6",
-        "--config.train.eval_tokens=512", "--config.train.sample_every=0"]
+        "--config.train.eval_tokens=512", "--config.train.sample_every=0", "--config.eval.core_max_per_task=8"]
+
+
+def small_bundle(path: Path) -> Path:
+    """A CORE bundle of three short zero-shot tasks, one of each type, from the shared one: the
+    speedrun's CORE stage runs for real, in seconds."""
+    source = SHARED / "eval_bundle"
+    tasks = [("copa", "commonsense_reasoning/copa.jsonl", "multiple_choice"),
+             ("winograd", "language_understanding/winograd_wsc.jsonl", "schema"),
+             ("lambada_openai", "language_understanding/lambada_openai.jsonl", "language_modeling")]
+    (path / "eval_data").mkdir(parents=True)
+    yaml = ["icl_tasks:"]
+    for label, uri, kind in tasks:
+        (path / "eval_data" / uri).parent.mkdir(parents=True, exist_ok=True)
+        (path / "eval_data" / uri).write_bytes((source / "eval_data" / uri).read_bytes())
+        yaml += [f"- label: {label}", f"  dataset_uri: {uri}", "  num_fewshot: [0]", f"  icl_task_type: {kind}"]
+    (path / "core.yaml").write_text("\n".join(yaml) + "\n")
+    (path / "eval_meta_data.csv").write_bytes((source / "eval_meta_data.csv").read_bytes())
+    return path
 
 
 def speedrun(base_dir: Path, cwd: Path, *extra) -> tuple[str, dict]:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["NANOCHAT_BASE_DIR"] = str(base_dir)
+    bundle = base_dir.parent / "bundle"
+    env["NANOCHAT_EVAL_BUNDLE"] = str(bundle if bundle.exists() else small_bundle(bundle))
     if (SHARED / "datasets" / "tiktoken").exists():
         env["NANOCHAT_TIKTOKEN_DIR"] = str(SHARED / "datasets" / "tiktoken")
     proc = subprocess.run([sys.executable, "-m", "launch.speedrun", *ARGS, *extra], cwd=cwd, env=env,
@@ -31,15 +51,21 @@ def test_speedrun_runs_every_stage_then_skips_them(tmp_path):
     base, cwd = tmp_path / "base", tmp_path / "work"
     cwd.mkdir()
     out, summary = speedrun(base, cwd)
-    for stage in ("tok_train", "tok_eval", "base_train", "base_loss"):
+    for stage in ("tok_train", "tok_eval", "base_train", "base_loss", "base_eval"):
         assert f"=== {stage}: " in out and (base / "speedrun" / "tiny" / f"{stage}.json").exists()
     assert summary["val_bpb"] > 0 and summary["train_bpb"] > 0
     report = (cwd / "report.md").read_text()
     for section in ("## Tokenizer training", "## Tokenizer evaluation", "## Base model training",
-                    "## Base model loss", "Total wall clock time"):
+                    "## Base model loss", "## Base model evaluation", "Total wall clock time"):
         assert section in report
+    assert -1 <= summary["core"] <= 1
+    core_row = next(line for line in report.splitlines() if line.startswith("| CORE |"))
+    assert core_row.split("|")[2].strip() == f"{summary['core']:.4f}"  # the final table's BASE cell
+    assert "![base training curves](base-curves.png)" in report and (cwd / "base-curves.png").exists()
+    marker = base / "speedrun" / "tiny" / "base_loss.json"
+    marker.write_text(json.dumps({"val_bpb": -1.0, "train_bpb": -1.0}))  # a rerun must read the markers back
     out, again = speedrun(base, cwd)
-    assert out.count("done before, skipping") == 4 and again["val_bpb"] == summary["val_bpb"]
+    assert out.count("done before, skipping") == 5 and again["val_bpb"] == -1.0
 
 
 def test_speedrun_rejects_bad_overrides_before_starting(tmp_path):

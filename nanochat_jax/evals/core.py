@@ -1,0 +1,355 @@
+"""CORE (DCLM, arXiv 2406.11794) scored by nanochat's rules, many examples per forward pass.
+
+Per task, the bundle gives nanochat's list (shuffled with Random(1337), cropped to max_per_task).
+Example i draws num_fewshot others with Random(1234 + i), is rendered with nanochat's templates and
+tokenized with <|bos|> first. Multiple choice: a prompt per choice, the answer span starts at the
+choices' common token prefix. Schema: a prompt per context option, the span is their common token
+suffix. Language modelling: the prompt with the continuation, the span starting where the
+(stripped) prompt without it ends, which must be a token prefix of it. MC and schema pick the
+option with the lowest mean token loss over its span; LM is correct when the argmax predicts every
+span token. Accuracy is centred by the task's random baseline rb (%): (acc - rb/100) / (1 - rb/100),
+and CORE is the mean of the centred scores over the tasks evaluated (partial if any is missing).
+
+nanochat runs one example per forward pass. Here the rows of many examples share one: each row is
+right-padded with <|bos|> to a length bucket and each bucket has a fixed row count, split over the
+mesh's batch axes, so a bucket compiles once. Attention is causal, so the padding after a row never
+reaches its span. Prompts are not cropped to the training context (rotary tables come from positions).
+"""
+import collections
+import dataclasses
+import functools
+import random
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from nanochat_jax import sharding
+from nanochat_jax.evals.bundle import Bundle, Task, resolve_bundle
+
+CORE_TASKS = (  # nanochat's 22, in its report's order
+    "hellaswag_zeroshot", "jeopardy", "bigbench_qa_wikidata", "arc_easy", "arc_challenge", "copa",
+    "commonsense_qa", "piqa", "openbook_qa", "lambada_openai", "hellaswag", "winograd", "winogrande",
+    "bigbench_dyck_languages", "agi_eval_lsat_ar", "bigbench_cs_algorithms", "bigbench_operators",
+    "bigbench_repeat_copy_logic", "squad", "coqa", "boolq", "bigbench_language_identification",
+)
+FEWSHOT_SEED = 1234
+
+
+# ---- nanochat's prompts, spans and few-shot draws ----------------------------------------------
+
+def render_multiple_choice(item, delimiter: str, shots) -> list[str]:
+    context = "".join(f"{s['query']}{delimiter}{s['choices'][s['gold']]}\n\n" for s in shots)
+    return [f"{context}{item['query']}{delimiter}{choice}" for choice in item["choices"]]
+
+
+def render_schema(item, delimiter: str, shots) -> list[str]:
+    context = "".join(f"{s['context_options'][s['gold']]}{delimiter}{s['continuation']}\n\n" for s in shots)
+    return [f"{context}{option}{delimiter}{item['continuation']}" for option in item["context_options"]]
+
+
+def render_language_modeling(item, delimiter: str, shots) -> list[str]:
+    """[prompt without the continuation, stripped; prompt with it]. Contexts are stripped too:
+    some datasets end them with whitespace that would merge into the continuation's first token."""
+    context = "".join(f"{str(s['context']).strip()}{delimiter}{s['continuation']}\n\n" for s in shots)
+    prompt = f"{context}{str(item['context']).strip()}{delimiter}"
+    return [prompt.strip(), f"{prompt}{item['continuation']}"]
+
+
+RENDER = {"multiple_choice": render_multiple_choice, "schema": render_schema,
+          "language_modeling": render_language_modeling}
+
+
+class _Others(Sequence):
+    """range(n) without `skip`. random.sample reads a population only through len() and indexing,
+    so it draws the same items from this as from nanochat's n-long list, which is never built."""
+
+    def __init__(self, n: int, skip: int):
+        self.n, self.skip = n, skip
+
+    def __len__(self):
+        return self.n - 1
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n - 1:
+            raise IndexError(i)
+        return i + (i >= self.skip)
+
+
+def fewshot_indices(n: int, idx: int, k: int) -> list[int]:
+    """nanochat's few-shot draw for example idx of n: Random(1234 + idx).sample(others, k)."""
+    return random.Random(FEWSHOT_SEED + idx).sample(_Others(n, idx), k) if k else []
+
+
+def common_prefix_length(rows) -> int:
+    shortest = min(map(len, rows))
+    for i in range(shortest):
+        if any(row[i] != rows[0][i] for row in rows):
+            return i
+    return shortest
+
+
+def answer_spans(task_type: str, rows: list[list[int]]) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """The rows to score and each one's answer span [start, end) of token positions."""
+    if task_type == "multiple_choice":
+        start = common_prefix_length(rows)
+        return rows, [(start, len(row)) for row in rows]
+    if task_type == "schema":
+        suffix = common_prefix_length([row[::-1] for row in rows])
+        return rows, [(len(row) - suffix, len(row)) for row in rows]
+    without, full = rows
+    if not (len(without) < len(full) and full[:len(without)] == without):
+        raise ValueError("the prompt without its continuation does not tokenize as a prefix of the prompt with it")
+    return [full], [(len(without), len(full))]
+
+
+# ---- one task's rows ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PreparedTask:
+    """A task's token rows (the options of each example, consecutively) and what scores them."""
+    task: Task
+    rows: list[list[int]]
+    spans: np.ndarray     # (rows, 2) answer span [start, end)
+    first_row: list[int]  # per example: its first row; its rows run to the next example's first
+    golds: list[int | None]
+
+
+def prepare_task(task: Task, items: list[dict], tokenizer) -> PreparedTask:
+    if task.num_fewshot >= len(items):
+        raise ValueError(f"task {task.label} draws {task.num_fewshot} few-shot examples from the others, so it "
+                         f"needs at least {task.num_fewshot + 1} examples; got {len(items)} (raise max_per_task)")
+    prompts, counts = [], []
+    for idx, item in enumerate(items):
+        shots = [items[i] for i in fewshot_indices(len(items), idx, task.num_fewshot)]
+        example_prompts = RENDER[task.task_type](item, task.delimiter, shots)
+        prompts += example_prompts
+        counts.append(len(example_prompts))
+    tokens = tokenizer.encode(prompts, prepend=tokenizer.bos_id)
+    rows, spans, first_row, offset = [], [], [], 0
+    for idx, count in enumerate(counts):
+        try:
+            example_rows, example_spans = answer_spans(task.task_type, tokens[offset:offset + count])
+        except ValueError as err:
+            raise ValueError(f"task {task.label}, example {idx}: {err}") from None
+        first_row.append(len(rows))
+        rows += example_rows
+        spans += example_spans
+        offset += count
+    golds = [item.get("gold") for item in items]
+    return PreparedTask(task, rows, np.array(spans, np.int32).reshape(-1, 2), first_row, golds)
+
+
+def example_outcomes(prepared: PreparedTask, mean_loss: np.ndarray, all_correct: np.ndarray) -> list[bool]:
+    """Per example: is it right? LM: every span token predicted. MC/schema: the option with the
+    lowest mean span loss is the gold one (ties and NaNs resolved like nanochat's list.index(min))."""
+    ends = prepared.first_row[1:] + [len(prepared.rows)]
+    outcomes = []
+    for first, end, gold in zip(prepared.first_row, ends, prepared.golds):
+        if prepared.task.task_type == "language_modeling":
+            outcomes.append(bool(all_correct[first]))
+        else:
+            losses = mean_loss[first:end].tolist()
+            outcomes.append(losses.index(min(losses)) == gold)
+    return outcomes
+
+
+# ---- batched scoring ---------------------------------------------------------------------------
+
+def bucket_length(n: int) -> int:
+    """The padded length of a row of n tokens: 64, 128, 192, 256, 384, 512, 768, ... (less than 1.5x
+    n once n > 96), so that a whole task compiles a handful of shapes."""
+    power = max(64, 1 << (n - 1).bit_length())
+    return power * 3 // 4 if power >= 256 and n <= power * 3 // 4 else power
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+    length: int
+    num_rows: int         # fixed per (length, mode): real rows, then padding rows
+    row_ids: list[int]
+
+
+def plan_forwards(prepared: PreparedTask, shards: int, tokens_per_device: int,
+                  one_example: bool = False) -> list[Forward]:
+    """Forward passes covering every row: rows grouped by length bucket, `tokens_per_device` worth of
+    rows per batch shard in each (at least one); or, with `one_example`, one example per forward."""
+    lengths = [len(row) for row in prepared.rows]
+    if one_example:
+        ends = prepared.first_row[1:] + [len(lengths)]
+        width = max(e - f for f, e in zip(prepared.first_row, ends))
+        num_rows = -(-width // shards) * shards
+        return [Forward(bucket_length(max(lengths[f:e])), num_rows, list(range(f, e)))
+                for f, e in zip(prepared.first_row, ends)]
+    by_length = collections.defaultdict(list)
+    for row_id, n in enumerate(lengths):
+        by_length[bucket_length(n)].append(row_id)
+    forwards = []
+    for length, row_ids in sorted(by_length.items()):
+        num_rows = shards * max(1, tokens_per_device // length)
+        forwards += [Forward(length, num_rows, row_ids[i:i + num_rows]) for i in range(0, len(row_ids), num_rows)]
+    return forwards
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "rules"))
+def score_rows(params, tokens, spans, *, graphdef, mesh, rules):
+    """Per row of tokens (R, L) with answer spans (R, 2): the mean loss over the span and whether
+    the argmax predicts every span token, replicated so that every process can read them. Position
+    p predicts token p + 1, so a span [s, e) is scored at positions s - 1 .. e - 2. `rules` is a
+    hashable tuple of (name, axes) pairs; being static, evaluators of one model share compilations."""
+    with sharding.activation_rules(mesh, dict(rules)):
+        logits = nnx.merge(graphdef, params)(tokens)
+    targets = jnp.roll(tokens, -1, axis=1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    losses = jax.nn.logsumexp(logits, axis=-1) - picked
+    hits = jnp.argmax(logits, axis=-1) == targets
+    positions = jnp.arange(tokens.shape[1])[None]
+    in_span = (positions >= spans[:, :1] - 1) & (positions < spans[:, 1:] - 1)
+    mean_loss = jnp.sum(jnp.where(in_span, losses, 0.0), axis=1) / jnp.sum(in_span, axis=1)
+    replicated = NamedSharding(mesh, P())
+    return (jax.lax.with_sharding_constraint(mean_loss, replicated),
+            jax.lax.with_sharding_constraint(jnp.all(hits | ~in_span, axis=1), replicated))
+
+
+# ---- results -----------------------------------------------------------------------------------
+
+def centered(accuracy: float, random_baseline_pct: float) -> float:
+    return (accuracy - 0.01 * random_baseline_pct) / (1.0 - 0.01 * random_baseline_pct)
+
+
+@dataclasses.dataclass
+class TaskResult:
+    label: str
+    accuracy: float
+    centered: float
+    examples: int
+    seconds: float
+    outcomes: list[bool]
+
+
+@dataclasses.dataclass
+class CoreResult:
+    tasks: dict[str, TaskResult]
+    missing: list[str]  # CORE tasks not evaluated: absent from core.yaml, or their file is missing
+    seconds: float
+
+    @property
+    def core(self) -> float | None:
+        return float(np.mean([t.centered for t in self.tasks.values()])) if self.tasks else None
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.missing)
+
+    @property
+    def examples(self) -> int:
+        return sum(t.examples for t in self.tasks.values())
+
+    def summary(self) -> dict:
+        """The JSON figures: core, tasks_evaluated, per_task, partial, missing, examples_per_s, wall_time_s."""
+        return {
+            "core": self.core, "tasks_evaluated": len(self.tasks), "partial": self.partial, "missing": self.missing,
+            "per_task": {label: {"accuracy": t.accuracy, "centered": t.centered, "examples": t.examples,
+                                 "seconds": round(t.seconds, 3)} for label, t in self.tasks.items()},
+            "examples": self.examples, "examples_per_s": self.examples / self.seconds if self.seconds else None,
+            "wall_time_s": round(self.seconds, 3),
+        }
+
+    def table(self) -> str:
+        """A markdown table: one row per task, then CORE."""
+        lines = ["| task | accuracy | centered | examples | seconds |", "|---|---|---|---|---|"]
+        lines += [f"| {t.label} | {t.accuracy:.4f} | {t.centered:.4f} | {t.examples} | {t.seconds:.1f} |"
+                  for t in self.tasks.values()]
+        core = "n/a" if self.core is None else f"{self.core:.4f}"
+        lines.append(f"| CORE{' (partial: %d tasks)' % len(self.tasks) if self.partial else ''} |  | {core} "
+                     f"| {self.examples} | {self.seconds:.1f} |")
+        return "\n".join(lines)
+
+
+# ---- the evaluator -----------------------------------------------------------------------------
+
+class CoreEvaluator:
+    """CORE of a model over a bundle. Prompts are rendered and tokenized once (on first use) and
+    reused by every call, e.g. the periodic runs during training.
+
+    tokens_per_device: the padded tokens each batch shard holds per forward pass (bounds memory).
+    one_example_per_forward: nanochat's batching (one example's options per forward), for comparison.
+    """
+
+    def __init__(self, graphdef, tokenizer, mesh, rules, bundle: Bundle, max_per_task: int = -1, *,
+                 tokens_per_device: int = 8192, one_example_per_forward: bool = False):
+        self.tokenizer, self.mesh, self.rules, self.bundle = tokenizer, mesh, rules, bundle
+        self.max_per_task, self.tokens_per_device = max_per_task, tokens_per_device
+        self.one_example = one_example_per_forward
+        self.score = functools.partial(score_rows, graphdef=graphdef, mesh=mesh, rules=tuple(sorted(rules.items())))
+        self.row_sharding = sharding.batch_sharding(mesh, rules, ndim=2, batch_dim=0)
+        self.shards = sharding.batch_shards(mesh, rules)
+        self._prepared = None
+
+    def prepare(self) -> tuple[list[PreparedTask], list[str]]:
+        """(the tasks present, prepared; the CORE tasks missing)."""
+        if self._prepared is None:
+            prepared, missing = [], []
+            for task in self.bundle.tasks:
+                items = self.bundle.items(task, self.max_per_task)
+                if items is None:
+                    missing.append(task.label)
+                else:
+                    prepared.append(prepare_task(task, items, self.tokenizer))
+            listed = {task.label for task in self.bundle.tasks}
+            missing += [label for label in CORE_TASKS if label not in listed]
+            self._prepared = prepared, missing
+        return self._prepared
+
+    def row_scores(self, params, prepared: PreparedTask) -> tuple[np.ndarray, np.ndarray]:
+        """(mean span loss, all span tokens predicted) of every row of a task."""
+        dispatched = []
+        for fwd in plan_forwards(prepared, self.shards, self.tokens_per_device, self.one_example):
+            tokens = np.full((fwd.num_rows, fwd.length), self.tokenizer.bos_id, np.int32)
+            spans = np.tile(np.array([[1, 2]], np.int32), (fwd.num_rows, 1))  # padding rows: any valid span
+            for slot, row_id in enumerate(fwd.row_ids):
+                row = prepared.rows[row_id]
+                tokens[slot, :len(row)] = row
+                spans[slot] = prepared.spans[row_id]
+            placed = (sharding.put_global_batch(tokens, self.row_sharding),
+                      sharding.put_global_batch(spans, self.row_sharding))
+            dispatched.append((fwd.row_ids, self.score(params, *placed)))  # runs while the next is built
+        mean_loss = np.zeros(len(prepared.rows), np.float32)
+        all_correct = np.zeros(len(prepared.rows), bool)
+        for row_ids, (loss, correct) in dispatched:
+            mean_loss[row_ids] = np.asarray(loss)[:len(row_ids)]
+            all_correct[row_ids] = np.asarray(correct)[:len(row_ids)]
+        return mean_loss, all_correct
+
+    def __call__(self, params, log: Callable[[str], None] | None = None) -> CoreResult:
+        start = time.perf_counter()
+        prepared_tasks, missing = self.prepare()
+        results = {}
+        for prepared in prepared_tasks:
+            t0 = time.perf_counter()
+            outcomes = example_outcomes(prepared, *self.row_scores(params, prepared))
+            task = prepared.task
+            accuracy = float(np.mean(outcomes))
+            results[task.label] = TaskResult(task.label, accuracy, centered(accuracy, self.bundle.baselines[task.label]),
+                                             len(outcomes), time.perf_counter() - t0, outcomes)
+            if log is not None:
+                r = results[task.label]
+                log(f"{task.label:<34} {task.num_fewshot:>2}-shot {task.task_type:<17} accuracy {r.accuracy:.4f} | "
+                    f"centered {r.centered:+.4f} | {r.examples} examples | {r.seconds:.1f}s")
+        return CoreResult(results, missing, time.perf_counter() - start)
+
+
+def training_evaluator(cfg, graphdef, tokenizer, mesh, rules) -> CoreEvaluator | None:
+    """The CORE that base training runs every train.core_every steps and at the end, on
+    train.core_max_per_task examples per task (None when that is 0). Prepared now, so that a bundle
+    too small for the cap stops the run before training rather than at its first CORE."""
+    if cfg.train.core_max_per_task == 0:
+        return None
+    evaluator = CoreEvaluator(graphdef, tokenizer, mesh, rules, resolve_bundle(), cfg.train.core_max_per_task,
+                              tokens_per_device=cfg.eval.core_tokens_per_device)
+    evaluator.prepare()
+    return evaluator
