@@ -11,7 +11,7 @@ on what the machine allows:
   loopback, no view of host processes. Fresh tmpfs mounts cover the world-writable directories
   (/tmp, /var/tmp, /dev/shm, /run/lock) and the homes (/root, /home), so other programs' and the
   host's files there are out of sight; the interpreter's own prefix, if it lives in a home, is
-  bind-mounted back. The program's directory is that private /tmp, gone with the namespace. The
+  bind-mounted back. The program's directory is a folder of that private /tmp, gone with the namespace. The
   program runs as `nobody` (no supplementary groups, no_new_privs), so everywhere else it may do
   only what `nobody` may, and RLIMIT_NPROC binds. The namespace's pid 1 is a root supervisor that
   waits for it (a pid 1 would ignore its own signals); when the program ends, whatever it left
@@ -58,6 +58,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 NAMESPACES = ["--net", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc", "--ipc"]
 PRIVATE_DIRS = ["/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/root", "/home"]
+PRIVATE_WORKDIR = "/tmp/program"  # the program's folder inside its private /tmp
 PYTHON = sys.executable  # the interpreter programs run in (root without namespaces: nobody runs it)
 DRAIN_S = 0.5  # how long pipes are still read after the program's process exited
 DONE = b"done"  # what the sandbox's code writes on the report pipe after the program's last line
@@ -112,10 +113,10 @@ def execute_code(program: str, *, timeout_s: float = 5.0, memory_mb: int = 512, 
     """
     mode = _mode()
     nobody = pwd.getpwnam("nobody")
-    workdir = "/tmp" if mode.private_tmp else tempfile.mkdtemp(prefix="nanochat-sandbox-")
+    workdir = PRIVATE_WORKDIR if mode.private_tmp else tempfile.mkdtemp(prefix="nanochat-sandbox-")
     try:
         config = {
-            "private_dirs": PRIVATE_DIRS if mode.private_tmp else [], "supervise": mode.namespaces,
+            "private_dirs": PRIVATE_DIRS if mode.private_tmp else [], "workdir": workdir, "supervise": mode.namespaces,
             "uid": nobody.pw_uid if mode.private_tmp else None, "gid": nobody.pw_gid,
             "guard": not mode.namespaces, "done": DONE.decode(), "memory_mb": memory_mb, "disk_mb": disk_mb,
             "cpu_s": math.ceil(timeout_s), "max_processes": max_processes if mode.root else None,
@@ -273,7 +274,10 @@ def _sandboxed(config: dict) -> None:
         for path, handle in handles.items():  # the interpreter lives there: bind it back
             os.makedirs(path, exist_ok=True)
             mount(f"/proc/self/fd/{handle}".encode(), path, None, MS_BIND | MS_REC, None)
-        os.chdir("/tmp")
+        os.mkdir(config["workdir"], 0o700)  # its own folder: an interpreter bound back into /tmp is not in it
+        if config["uid"] is not None:
+            os.chown(config["workdir"], config["uid"], config["gid"])
+        os.chdir(config["workdir"])
     if config["supervise"]:  # pid 1 of the namespace: it cannot die of a signal, so it reports one
         child = os.fork()
         if child:

@@ -101,14 +101,8 @@ class Tokenizer:
 
     def save(self, directory) -> None:
         """Write the model and its token_bytes (for bits per byte), each atomically."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        for name, write in ((MODEL_FILE, lambda f: f.write(self.model_proto)),
-                            (TOKEN_BYTES_FILE, lambda f: np.save(f, self.token_bytes()))):
-            tmp = directory / (name + ".tmp")
-            with open(tmp, "wb") as f:
-                write(f)
-            os.replace(tmp, directory / name)
+        save_files(directory, {MODEL_FILE: lambda f: f.write(self.model_proto),
+                               TOKEN_BYTES_FILE: lambda f: np.save(f, self.token_bytes())})
 
     # ---- vocabulary -------------------------------------------------------------------------
     @property
@@ -189,6 +183,18 @@ class Tokenizer:
                 run.append(token_id)
         out.append(self.sp.decode(run))
         return "".join(out)
+
+
+def save_files(directory, writers: dict) -> None:
+    """Write each `name: write(file)` into `directory` atomically (a .tmp renamed into place), so a
+    tokenizer directory never holds half a file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, write in writers.items():
+        tmp = directory / (name + ".tmp")
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, directory / name)
 
 
 def load_tokenizer(directory):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
-from nanochat_jax.tokenizer import SPECIAL_TOKENS, TOKEN_BYTES_FILE
+from nanochat_jax.tokenizer import SPECIAL_TOKENS, TOKEN_BYTES_FILE, save_files
 
 ENCODING_FILE = "tiktoken.json"
 
@@ -44,14 +44,8 @@ class TiktokenTokenizer:
         ranks = sorted(enc._mergeable_ranks.items(), key=lambda item: item[1])
         spec = {"name": enc.name, "pat_str": enc._pat_str, "special_tokens": enc._special_tokens,
                 "mergeable_ranks": [[base64.b64encode(token).decode(), rank] for token, rank in ranks]}
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        for name, write in ((ENCODING_FILE, lambda f: f.write(json.dumps(spec).encode())),
-                            (TOKEN_BYTES_FILE, lambda f: np.save(f, self.token_bytes()))):
-            tmp = directory / (name + ".tmp")
-            with open(tmp, "wb") as f:
-                write(f)
-            os.replace(tmp, directory / name)
+        save_files(directory, {ENCODING_FILE: lambda f: f.write(json.dumps(spec).encode()),
+                               TOKEN_BYTES_FILE: lambda f: np.save(f, self.token_bytes())})
 
     # ---- vocabulary -------------------------------------------------------------------------
     @property

@@ -13,25 +13,12 @@ from nanochat_jax.engine import Engine
 from nanochat_jax.sampling import greedy_generate
 from nanochat_jax.serving import QueueFull, Request, Sampling, Scheduler, SlotPool, StopMatcher, StreamingDecoder
 from nanochat_jax.serving.slots import sample_rows
-from nanochat_jax.tokenizer import SPECIAL_TOKENS, train_tokenizer
+from nanochat_jax.tokenizer import train_tokenizer
+from test_engine import StubTokenizer, random_params  # a random model that never stops or calls a tool
 
 CFG = model_lib.GPTConfig(vocab_size=64, n_layer=2, dim=32, n_head=4, n_kv_head=2, sequence_len=64)
 SLOTS = 2  # one slot count throughout, so the decode step compiles once
 PROMPTS = [[7], [3, 9, 27, 1, 40], list(range(2, 15)), [(5 * i) % 64 for i in range(20)], [11, 12], [60] * 9]
-
-
-class StubTokenizer:
-    """Special tokens outside the random model's vocabulary: it never stops or calls a tool."""
-    bos_id = 1000
-
-    def encode_special(self, name):
-        return 1000 + SPECIAL_TOKENS.index(name)
-
-
-def random_params(cfg, seed=0):
-    leaves, treedef = jax.tree.flatten(model_lib.init_params(cfg, jax.random.key(seed)))
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
 
 
 @pytest.fixture(scope="module")
