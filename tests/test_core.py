@@ -217,13 +217,46 @@ def test_batching_padding_and_the_mesh_leave_outcomes_unchanged(hand_bundle, tok
         kwargs = {"one_example_per_forward": True}
     elif variant == "8 devices, small groups":  # rows split over data x fsdp, a few rows per pass
         mesh, kwargs = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1}), {"tokens_per_device": 128}
-    elif variant == "heavy padding":  # every row padded far past its end
+    elif variant == "heavy padding":  # every row, shared prefix and suffix padded far past its end
         monkeypatch.setattr(core_lib, "bucket_length", lambda n: 700)
+        monkeypatch.setattr(core_lib, "suffix_bucket_length", lambda n: 300)
     outcomes, losses = evaluate(hand_bundle, tokenizer, model, mesh, **kwargs)
     for label, (expected, row_losses, *_) in reference.items():
         assert outcomes[label] == expected, label
         if label in losses:
             np.testing.assert_allclose(losses[label], row_losses, rtol=2e-5)
+
+
+def test_shared_prefix_scoring_equals_full_row_scoring(hand_bundle, tokenizer, model):
+    """Per example, the batched path (shared prefixes run once) gives the losses, LM hits and
+    outcomes of whole rows each in their own pass (nanochat's batching), and it did share."""
+    graphdef, params, _, _ = model
+    evaluator = CoreEvaluator(graphdef, tokenizer, one_device(), RULES, bundle_lib.load_bundle(hand_bundle))
+    whole = CoreEvaluator(graphdef, tokenizer, one_device(), RULES, bundle_lib.load_bundle(hand_bundle),
+                          one_example_per_forward=True)
+    for prepared in evaluator.prepare()[0]:
+        shared_loss, shared_correct = evaluator.row_scores(params, prepared)
+        whole_loss, whole_correct = whole.row_scores(params, prepared)
+        np.testing.assert_allclose(shared_loss, whole_loss, rtol=1e-5, err_msg=prepared.task.label)
+        assert shared_correct.tolist() == whole_correct.tolist(), prepared.task.label
+        assert core_lib.example_outcomes(prepared, shared_loss, shared_correct) == \
+            core_lib.example_outcomes(prepared, whole_loss, whole_correct)
+        prefixes = core_lib.shared_prefix_lengths(prepared)
+        if prepared.task.label == "arc_easy":  # two shots and the question: most of each row is shared
+            assert min(prefixes) > 20
+
+
+def test_shared_prefix_leaves_each_span_and_its_predecessor_to_the_suffix():
+    task = bundle_lib.Task("t", "multiple_choice", "d", 0, " ")
+    cases = [  # (rows of one example, their spans, tokens run once)
+        ([[1, 5, 6, 7, 8], [1, 5, 6, 9]], [(3, 5), (3, 4)], 2),  # MC: 3 shared, token 2 predicts the span
+        ([[1, 6, 7, 8, 9, 9], [1, 5, 8, 9, 9]], [(4, 6), (3, 5)], 1),  # schema: shared until the options differ
+        ([[1, 5, 6, 7]], [(2, 4)], 1),  # LM: one row, the context less its last token
+        ([[1, 5]], [(1, 2)], 0),  # a span right after <|bos|>: nothing shared
+    ]
+    for rows, spans, expected in cases:
+        prepared = core_lib.PreparedTask(task, rows, np.array(spans), [0], [0])
+        assert core_lib.shared_prefix_lengths(prepared) == [expected], rows
 
 
 def test_row_scorer_span_rules(model):

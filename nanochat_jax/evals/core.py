@@ -10,10 +10,15 @@ option with the lowest mean token loss over its span; LM is correct when the arg
 span token. Accuracy is centred by the task's random baseline rb (%): (acc - rb/100) / (1 - rb/100),
 and CORE is the mean of the centred scores over the tasks evaluated (partial if any is missing).
 
-nanochat runs one example per forward pass. Here the rows of many examples share one: each row is
-right-padded with <|bos|> to a length bucket and each bucket has a fixed row count, split over the
-mesh's batch axes, so a bucket compiles once. Attention is causal, so the padding after a row never
-reaches its span. Prompts are not cropped to the training context (rotary tables come from positions).
+nanochat runs one example per forward pass, each row whole (kept here as `one_example_per_forward`,
+the baseline). Here the rows of many examples share a pass, and the rows of one example share their
+common token prefix (the few-shot examples and the question), which runs once: a prefix pass fills
+a KV cache per example, then each row's suffix (from the token before its span on) runs against a
+copy of its example's cache. Prefixes and suffixes are right-padded with <|bos|> to length buckets
+and each (prefix, suffix) bucket has fixed example and row counts, split over the mesh's batch
+axes, so it compiles once. Attention is causal and a suffix overwrites its prefix's padding in the
+cache, so padding never reaches a span. Prompts are not cropped to the training context (rotary
+tables come from positions).
 """
 import collections
 import dataclasses
@@ -28,7 +33,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nanochat_jax import sharding
+from nanochat_jax import model as model_lib, sharding
 from nanochat_jax.evals.bundle import Bundle, Task, resolve_bundle
 
 CORE_TASKS = (  # nanochat's 22, in its report's order
@@ -167,42 +172,70 @@ def bucket_length(n: int) -> int:
     return power * 3 // 4 if power >= 256 and n <= power * 3 // 4 else power
 
 
+def suffix_bucket_length(n: int) -> int:
+    """The padded length of a suffix of n tokens: a power of two, at least 16."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def shared_prefix_lengths(prepared: PreparedTask) -> list[int]:
+    """Per example: how many leading tokens all its rows share and run once. The longest common
+    token prefix, cut to end before every span's first token's predecessor, whose logit predicts
+    that token: so every scored position lies in the suffix."""
+    ends = prepared.first_row[1:] + [len(prepared.rows)]
+    return [min(common_prefix_length(prepared.rows[f:e]), int(prepared.spans[f:e, 0].min()) - 1)
+            for f, e in zip(prepared.first_row, ends)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Forward:
+    """One example per forward pass (nanochat's batching): whole rows, padded to `length`."""
     length: int
-    num_rows: int         # fixed per (length, mode): real rows, then padding rows
+    num_rows: int         # fixed per task: real rows, then padding rows
     row_ids: list[int]
 
 
-def plan_forwards(prepared: PreparedTask, shards: int, tokens_per_device: int,
-                  one_example: bool = False) -> list[Forward]:
-    """Forward passes covering every row: rows grouped by length bucket, `tokens_per_device` worth of
-    rows per batch shard in each (at least one); or, with `one_example`, one example per forward."""
+def plan_one_example_forwards(prepared: PreparedTask, shards: int) -> list[Forward]:
     lengths = [len(row) for row in prepared.rows]
-    if one_example:
-        ends = prepared.first_row[1:] + [len(lengths)]
-        width = max(e - f for f, e in zip(prepared.first_row, ends))
-        num_rows = -(-width // shards) * shards
-        return [Forward(bucket_length(max(lengths[f:e])), num_rows, list(range(f, e)))
-                for f, e in zip(prepared.first_row, ends)]
-    by_length = collections.defaultdict(list)
-    for row_id, n in enumerate(lengths):
-        by_length[bucket_length(n)].append(row_id)
+    ends = prepared.first_row[1:] + [len(lengths)]
+    width = max(e - f for f, e in zip(prepared.first_row, ends))
+    num_rows = -(-width // shards) * shards
+    return [Forward(bucket_length(max(lengths[f:e])), num_rows, list(range(f, e)))
+            for f, e in zip(prepared.first_row, ends)]
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedForward:
+    """Many examples per pass: their shared prefixes (padded to prefix_length) run once, then every
+    row's suffix (padded to suffix_length) attends to its own example's cached prefix."""
+    prefix_length: int
+    suffix_length: int
+    num_examples: int     # fixed per (prefix_length, suffix_length, task width): real, then padding
+    num_rows: int
+    example_ids: list[int]
+
+
+def plan_shared_forwards(prepared: PreparedTask, prefix_lengths: list[int], shards: int,
+                         tokens_per_device: int) -> list[SharedForward]:
+    """Examples grouped by (prefix bucket, suffix bucket), `tokens_per_device` worth of prefix and
+    suffix per batch shard in each pass (at least one example); room for the task's widest example's
+    rows per example slot."""
+    ends = prepared.first_row[1:] + [len(prepared.rows)]
+    width = max(e - f for f, e in zip(prepared.first_row, ends))
+    groups = collections.defaultdict(list)
+    for example, (first, end, prefix) in enumerate(zip(prepared.first_row, ends, prefix_lengths)):
+        suffix = max(len(row) for row in prepared.rows[first:end]) - prefix
+        groups[bucket_length(prefix), suffix_bucket_length(suffix)].append(example)
     forwards = []
-    for length, row_ids in sorted(by_length.items()):
-        num_rows = shards * max(1, tokens_per_device // length)
-        forwards += [Forward(length, num_rows, row_ids[i:i + num_rows]) for i in range(0, len(row_ids), num_rows)]
+    for (prefix, suffix), examples in sorted(groups.items()):
+        num_examples = shards * max(1, tokens_per_device // (prefix + suffix))
+        forwards += [SharedForward(prefix, suffix, num_examples, num_examples * width, examples[i:i + num_examples])
+                     for i in range(0, len(examples), num_examples)]
     return forwards
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "rules"))
-def score_rows(params, tokens, spans, *, graphdef, mesh, rules):
-    """Per row of tokens (R, L) with answer spans (R, 2): the mean loss over the span and whether
-    the argmax predicts every span token, replicated so that every process can read them. Position
-    p predicts token p + 1, so a span [s, e) is scored at positions s - 1 .. e - 2. `rules` is a
-    hashable tuple of (name, axes) pairs; being static, evaluators of one model share compilations."""
-    with sharding.activation_rules(mesh, dict(rules)):
-        logits = nnx.merge(graphdef, params)(tokens)
+def span_scores(logits, tokens, spans):
+    """Per row: the mean loss over its span [s, e) of `tokens` and whether the argmax predicts every
+    span token. Position p predicts token p + 1, so the span is scored at positions s - 1 .. e - 2."""
     targets = jnp.roll(tokens, -1, axis=1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     losses = jax.nn.logsumexp(logits, axis=-1) - picked
@@ -210,9 +243,43 @@ def score_rows(params, tokens, spans, *, graphdef, mesh, rules):
     positions = jnp.arange(tokens.shape[1])[None]
     in_span = (positions >= spans[:, :1] - 1) & (positions < spans[:, 1:] - 1)
     mean_loss = jnp.sum(jnp.where(in_span, losses, 0.0), axis=1) / jnp.sum(in_span, axis=1)
-    replicated = NamedSharding(mesh, P())
-    return (jax.lax.with_sharding_constraint(mean_loss, replicated),
-            jax.lax.with_sharding_constraint(jnp.all(hits | ~in_span, axis=1), replicated))
+    return mean_loss, jnp.all(hits | ~in_span, axis=1)
+
+
+def replicated(mesh, *arrays):
+    """The scores replicated, so that every process can read them."""
+    return tuple(jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P())) for a in arrays)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "rules"))
+def score_rows(params, tokens, spans, *, graphdef, mesh, rules):
+    """Scores of whole rows (R, L) with answer spans (R, 2): (mean span loss, all span tokens
+    predicted), replicated. `rules` is a hashable tuple of (name, axes) pairs; being static,
+    evaluators of one model share compilations."""
+    with sharding.activation_rules(mesh, dict(rules)):
+        logits = nnx.merge(graphdef, params)(tokens)
+    return replicated(mesh, *span_scores(logits, tokens, spans))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "rules"))
+def score_suffixes(params, prefixes, row_example, row_start, suffixes, spans, *, graphdef, mesh, rules):
+    """Scores of rows that share prefixes. `prefixes` (E, Lp): each example's shared tokens,
+    right-padded; they run once and fill a KV cache (E, Lp + Ls). Row r continues example
+    `row_example[r]` with `suffixes[r]` (R, Ls) from position `row_start[r]` (its example's prefix
+    length) on a copy of that example's cache: its keys and values overwrite the prefix's padding,
+    and a query sees only slots up to its own position, so no padding is ever attended to. `spans`
+    (R, 2) are the answer spans within the suffixes. Returns (mean span loss, all span tokens
+    predicted) per row, replicated."""
+    with sharding.activation_rules(mesh, dict(rules)):
+        model = nnx.merge(graphdef, params)
+        (num_examples, prefix_len), suffix_len = prefixes.shape, suffixes.shape[1]
+        cache = model_lib.empty_cache(model.cfg, num_examples, prefix_len + suffix_len)
+        positions = jnp.broadcast_to(jnp.arange(prefix_len), prefixes.shape)
+        _, cache = model.decode(prefixes, cache, positions, logits_at=jnp.zeros(num_examples, jnp.int32))
+        cache = [{name: jnp.take(buffer, row_example, axis=0) for name, buffer in layer.items()} for layer in cache]
+        positions = row_start[:, None] + jnp.arange(suffix_len)[None]
+        logits, _ = model.decode(suffixes, cache, positions)
+    return replicated(mesh, *span_scores(logits, suffixes, spans))
 
 
 # ---- results -----------------------------------------------------------------------------------
@@ -276,7 +343,8 @@ class CoreEvaluator:
     """CORE of a model over a bundle. Prompts are rendered and tokenized once (on first use) and
     reused by every call, e.g. the periodic runs during training.
 
-    tokens_per_device: the padded tokens each batch shard holds per forward pass (bounds memory).
+    tokens_per_device: the padded prefix and suffix tokens of the examples each batch shard holds per
+    pass (bounds memory; each of an example's rows then holds a copy of its prefix's KV cache).
     one_example_per_forward: nanochat's batching (one example's options per forward), for comparison.
     """
 
@@ -285,8 +353,9 @@ class CoreEvaluator:
         self.tokenizer, self.mesh, self.rules, self.bundle = tokenizer, mesh, rules, bundle
         self.max_per_task, self.tokens_per_device = max_per_task, tokens_per_device
         self.one_example = one_example_per_forward
-        self.score = functools.partial(score_rows, graphdef=graphdef, mesh=mesh, rules=tuple(sorted(rules.items())))
-        self.row_sharding = sharding.batch_sharding(mesh, rules, ndim=2, batch_dim=0)
+        static = {"graphdef": graphdef, "mesh": mesh, "rules": tuple(sorted(rules.items()))}
+        self.score = functools.partial(score_rows, **static)
+        self.score_shared = functools.partial(score_suffixes, **static)
         self.shards = sharding.batch_shards(mesh, rules)
         self._prepared = None
 
@@ -307,23 +376,53 @@ class CoreEvaluator:
 
     def row_scores(self, params, prepared: PreparedTask) -> tuple[np.ndarray, np.ndarray]:
         """(mean span loss, all span tokens predicted) of every row of a task."""
-        dispatched = []
-        for fwd in plan_forwards(prepared, self.shards, self.tokens_per_device, self.one_example):
-            tokens = np.full((fwd.num_rows, fwd.length), self.tokenizer.bos_id, np.int32)
-            spans = np.tile(np.array([[1, 2]], np.int32), (fwd.num_rows, 1))  # padding rows: any valid span
-            for slot, row_id in enumerate(fwd.row_ids):
-                row = prepared.rows[row_id]
-                tokens[slot, :len(row)] = row
-                spans[slot] = prepared.spans[row_id]
-            placed = (sharding.put_global_batch(tokens, self.row_sharding),
-                      sharding.put_global_batch(spans, self.row_sharding))
-            dispatched.append((fwd.row_ids, self.score(params, *placed)))  # runs while the next is built
+        if self.one_example:
+            dispatched = [self.dispatch_rows(params, prepared, fwd)
+                          for fwd in plan_one_example_forwards(prepared, self.shards)]
+        else:
+            prefix_lengths = shared_prefix_lengths(prepared)
+            dispatched = [self.dispatch_shared(params, prepared, prefix_lengths, fwd)
+                          for fwd in plan_shared_forwards(prepared, prefix_lengths, self.shards, self.tokens_per_device)]
         mean_loss = np.zeros(len(prepared.rows), np.float32)
         all_correct = np.zeros(len(prepared.rows), bool)
-        for row_ids, (loss, correct) in dispatched:
+        for row_ids, (loss, correct) in dispatched:  # each pass ran while the next was built
             mean_loss[row_ids] = np.asarray(loss)[:len(row_ids)]
             all_correct[row_ids] = np.asarray(correct)[:len(row_ids)]
         return mean_loss, all_correct
+
+    def dispatch_rows(self, params, prepared: PreparedTask, fwd: Forward):
+        tokens = np.full((fwd.num_rows, fwd.length), self.tokenizer.bos_id, np.int32)
+        spans = np.tile(np.array([[1, 2]], np.int32), (fwd.num_rows, 1))  # padding rows: any valid span
+        for slot, row_id in enumerate(fwd.row_ids):
+            row = prepared.rows[row_id]
+            tokens[slot, :len(row)] = row
+            spans[slot] = prepared.spans[row_id]
+        return fwd.row_ids, self.score(params, *self.place(tokens, spans))
+
+    def dispatch_shared(self, params, prepared: PreparedTask, prefix_lengths: list[int], fwd: SharedForward):
+        bos = self.tokenizer.bos_id
+        prefixes = np.full((fwd.num_examples, fwd.prefix_length), bos, np.int32)
+        suffixes = np.full((fwd.num_rows, fwd.suffix_length), bos, np.int32)
+        row_example = np.zeros(fwd.num_rows, np.int32)  # padding rows: example slot 0 from position 0
+        row_start = np.zeros(fwd.num_rows, np.int32)
+        spans = np.tile(np.array([[1, 2]], np.int32), (fwd.num_rows, 1))
+        ends = prepared.first_row[1:] + [len(prepared.rows)]
+        row_ids = []
+        for slot, example in enumerate(fwd.example_ids):
+            first, end, prefix = prepared.first_row[example], ends[example], prefix_lengths[example]
+            prefixes[slot, :prefix] = prepared.rows[first][:prefix]
+            for row_id in range(first, end):
+                row, i = prepared.rows[row_id], len(row_ids)
+                suffixes[i, :len(row) - prefix] = row[prefix:]
+                row_example[i], row_start[i] = slot, prefix
+                spans[i] = prepared.spans[row_id] - prefix
+                row_ids.append(row_id)
+        return row_ids, self.score_shared(params, *self.place(prefixes, row_example, row_start, suffixes, spans))
+
+    def place(self, *arrays):
+        """Each array's first dim split over the mesh's batch axes."""
+        return tuple(sharding.put_global_batch(a, sharding.batch_sharding(self.mesh, self.rules, a.ndim, 0))
+                     for a in arrays)
 
     def __call__(self, params, log: Callable[[str], None] | None = None) -> CoreResult:
         start = time.perf_counter()
