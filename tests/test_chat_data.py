@@ -13,24 +13,9 @@ from nanochat_jax import model as model_lib
 from nanochat_jax.conversation import render_conversation
 from nanochat_jax.data.chat import MidtrainLoader, SFTLoader, bucket_width
 from nanochat_jax.tasks import Task
+from test_conversation import AE, AS, BOS, OE, OS, PE, PS, TOK, UE, US  # one id per character
 
-SPECIALS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-            "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
-BOS, US, UE, AS, AE, PS, PE, OS, OE = range(1, 10)
 H, I, Y, O, TWO, PLUS, FOUR = 204, 205, 221, 211, 150, 143, 152  # h i y o 2 + 4
-
-
-class FakeTokenizer:
-    bos_id = BOS
-
-    def encode(self, text):
-        return [ord(c) + 100 for c in text]
-
-    def encode_special(self, name):
-        return SPECIALS.index(name) + 1
-
-
-TOK = FakeTokenizer()
 
 
 class Conversations(Task):

@@ -217,10 +217,10 @@ def tokenizer():
     return train_tokenizer(["what is 1+3? it is 4.", "the quick brown fox jumps", "a b c d e f g"] * 20, 300)
 
 
-def bigram_engine(tokenizer, script: dict[int, list[int]]):
+def bigram_engine(tokenizer, script: dict[int, list[int]], n_layer: int = 2, buckets=(8, 16)):
     """An engine whose model follows `script`: token -> equally likely successors (+14.5 after the
     softcap, -14.5 for every other token). Tokens not in the script have arbitrary successors."""
-    cfg = model_lib.GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=2, dim=32, n_head=4, n_kv_head=2,
+    cfg = model_lib.GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=n_layer, dim=32, n_head=4, n_kv_head=2,
                               sequence_len=32)
     graphdef, _, _ = model_lib.abstract_model(cfg)
     params = model_lib.init_params(cfg, jax.random.key(0))
@@ -230,7 +230,7 @@ def bigram_engine(tokenizer, script: dict[int, list[int]]):
     for row, source in enumerate(sources):
         targets[row, script[source]] = 30.0
     params["lm_head"]["kernel"] = jnp.asarray(np.linalg.pinv(hidden) @ targets, jnp.float32)
-    return Engine(graphdef, params, cfg, tokenizer, buckets=(8, 16))
+    return Engine(graphdef, params, cfg, tokenizer, buckets=buckets)
 
 
 def test_rows_stop_on_assistant_end_or_bos_each_on_their_own(tokenizer):

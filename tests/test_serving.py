@@ -14,7 +14,7 @@ from nanochat_jax.sampling import greedy_generate
 from nanochat_jax.serving import QueueFull, Request, Sampling, Scheduler, SlotPool, StopMatcher, StreamingDecoder
 from nanochat_jax.serving.slots import sample_rows
 from nanochat_jax.tokenizer import train_tokenizer
-from test_engine import StubTokenizer, random_params  # a random model that never stops or calls a tool
+from test_engine import StubTokenizer, bigram_engine, random_params  # random and scripted models
 
 CFG = model_lib.GPTConfig(vocab_size=64, n_layer=2, dim=32, n_head=4, n_kv_head=2, sequence_len=64)
 SLOTS = 2  # one slot count throughout, so the decode step compiles once
@@ -147,22 +147,6 @@ def test_new_sampling_values_and_slots_never_recompile(model):
 
 # ---- stopping and the calculator per slot, with a scripted bigram model -----------------------
 
-def bigram_engine(tokenizer, script: dict[int, list[int]]):
-    """A model whose next token after each scripted token is its listed successor (c_proj and
-    the MLP stay at zero, so logits depend on the current token alone; lm_head is solved for them)."""
-    cfg = model_lib.GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=1, dim=32, n_head=4, n_kv_head=2,
-                              sequence_len=32)
-    graphdef, _, _ = model_lib.abstract_model(cfg)
-    params = model_lib.init_params(cfg, jax.random.key(0))
-    sources = list(script)
-    hidden = np.asarray(model_lib.rms_norm(params["wte"][jnp.array(sources)]), np.float64)
-    targets = np.full((len(sources), cfg.vocab_size), -30.0)
-    for row, source in enumerate(sources):
-        targets[row, script[source]] = 30.0
-    params["lm_head"]["kernel"] = jnp.asarray(np.linalg.pinv(hidden) @ targets, jnp.float32)
-    return Engine(graphdef, params, cfg, tokenizer, buckets=(16,))
-
-
 def test_calculator_and_stop_tokens_work_per_slot():
     tok = train_tokenizer(["what is 1+3? it is 4.", "the quick brown fox jumps", "a b c d e f g"] * 20, 300)
     special = tok.encode_special
@@ -174,7 +158,7 @@ def test_calculator_and_stop_tokens_work_per_slot():
     a, b = tok.encode("a")[-1], tok.encode("b")[-1]
     script = {start: [py_start], py_start: [one], one: [plus], plus: [three], three: [py_end], out_end: [end],
               fox: [a], a: [b], b: [tok.bos_id]}
-    scheduler = Scheduler(SlotPool(bigram_engine(tok, script), slots=2)).start()
+    scheduler = Scheduler(SlotPool(bigram_engine(tok, script, n_layer=1, buckets=(16,)), slots=2)).start()
     try:
         calc, plain = Request([tok.bos_id, *tok.encode("hi"), start], 20), Request([tok.bos_id, fox], 20)
         calc_tokens, plain_tokens = run(scheduler, [calc, plain])

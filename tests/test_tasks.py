@@ -29,28 +29,10 @@ from nanochat_jax.tasks.gsm8k import extract_answer, solution_parts
 from nanochat_jax.tasks.humaneval import build_program, extract_code
 from nanochat_jax.tasks.spelling import load_words
 from nanochat_jax.tools import use_calculator
+from test_conversation import TOK  # one id per character (ord + 100); the specials are 1..9
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
-SPECIALS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-            "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
-
-
-class CharTokenizer:
-    """One id per character (ord + 100); the nine specials are 1..9."""
-    bos_id = 1
-
-    def encode(self, text):
-        return [ord(c) + 100 for c in text]
-
-    def encode_special(self, name):
-        return SPECIALS.index(name) + 1
-
-    def decode(self, ids):
-        return "".join(SPECIALS[i - 1] if i < 100 else chr(i - 100) for i in ids)
-
-
-TOK = CharTokenizer()
 
 
 def raw_jsonl(relative):
