@@ -77,6 +77,42 @@ def base_config(depth: int) -> ConfigDict:
     c.eval.core_max_per_task = -1           # base_eval's examples per task (-1: all)
     c.eval.core_tokens_per_device = 8192    # padded tokens per batch shard in one CORE forward pass
 
+    c.eval.chat_max_problems = -1           # chat_eval's problems per task (-1: all)
+
+    # Post-training. Task data: "" = $NANOCHAT_TASK_DATA, else nanochat's datasets downloaded once;
+    # "offline" = the subsets the package ships and the tasks it generates (no network).
+    c.chat = ConfigDict()
+    c.chat.data_dir = ""
+
+    c.mid = ConfigDict()                    # midtraining: packed conversations, every token trained on
+    c.mid.init_lr_frac = 1.0                # x the base learning rates; the schedule is base's
+    c.mid.eval_every = 150                  # val bpb every this many steps, at step 0 and at the end
+    c.mid.eval_tokens = 20 * 524288
+
+    c.sft = ConfigDict()                    # SFT: one conversation per row, assistant tokens only
+    c.sft.init_lr_frac = 0.02               # then linear to 0 over one epoch
+    c.sft.device_batch_size = 4             # conversations per device per micro-batch
+    c.sft.examples_per_step = 32            # conversations per optimizer step
+    c.sft.num_epochs = 1
+    c.sft.eval_every = 100                  # val loss every this many steps (and at 0 and the end) ...
+    c.sft.eval_steps = 100                  # ... over this many micro-batches
+    c.sft.mc_every = 200                    # MMLU and ARC-Easy accuracy every this many steps ...
+    c.sft.mc_max_problems = 1024            # ... on at most this many problems each
+
+    c.rl = ConfigDict()                     # RL: REINFORCE with a per-question mean baseline
+    c.rl.init_lr_frac = 0.05                # then linear to 0
+    c.rl.examples_per_step = 16             # questions per optimizer step (over all processes)
+    c.rl.num_samples = 16                   # sampled answers per question
+    c.rl.device_batch_size = 8              # sequences per forward pass
+    c.rl.max_new_tokens = 256
+    c.rl.temperature = 1.0
+    c.rl.top_k = 50
+    c.rl.num_epochs = 1
+    c.rl.eval_every = 60                    # pass@k on the test split every this many steps (and at the end) ...
+    c.rl.eval_examples = 400                # ... on this many problems ...
+    c.rl.eval_samples = 8                   # ... with this many samples each
+    c.rl.save_every = 60
+
     c.mesh = ConfigDict()
     c.mesh.data = 1                         # pure data parallelism (params replicated)
     c.mesh.fsdp = -1                        # -1: every device not used by the other axes

@@ -298,6 +298,13 @@ def loss_fn(graphdef, params, idx, targets):
     return nnx.merge(graphdef, params).loss(idx, targets)
 
 
+def summed_loss_fn(graphdef, params, idx, targets, weights=None):
+    """Sum over the non-ignored targets of cross-entropy, each times its weight (1 without weights):
+    a training step divides it by the step's own normaliser."""
+    losses = nnx.merge(graphdef, params).token_losses(idx, targets)
+    return jnp.sum(losses if weights is None else losses * weights)
+
+
 def num_params(cfg: GPTConfig) -> int:
     _, shapes, _ = abstract_model(cfg)
     return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))

@@ -1,9 +1,9 @@
 """The training step: one jitted pure function (params, opt_state, batch) -> (params, opt_state, metrics).
 
-A batch is (inputs, targets), each (accum_steps, global_micro_batch, seq). The step scans over the
-micro-batches, averages their gradients (each micro-batch's loss is its mean over valid tokens,
-as in nanochat), applies the optimizer, and donates the old parameters and optimizer state so
-their memory is reused. Base, mid and SFT training all drive this same step.
+A batch is (inputs, targets[, weights]), each (accum_steps, global_micro_batch, seq). The step
+scans over the micro-batches, sums their gradients of the step's mean loss over supervised tokens
+(see `make_train_step`), applies the optimizer, and donates the old parameters and optimizer
+state so their memory is reused. Base, mid, SFT and RL training all drive this same step.
 """
 import dataclasses
 
@@ -146,23 +146,35 @@ def build_training(cfg, mesh=None, num_iterations: int | None = None) -> Trainin
 
 
 def make_train_step(graphdef, tx, mesh, rules, param_shardings, opt_shardings, batch_sharding):
-    def step(params, opt_state, batch):
-        with sharding.activation_rules(mesh, rules):
-            loss_and_grad = jax.value_and_grad(lambda p, x, y: model_lib.loss_fn(graphdef, p, x, y))
+    """The jitted step. Its batch is (inputs, targets) or (inputs, targets, weights), each
+    (accum, batch, seq); targets < 0 are ignored.
 
-            def micro_step(carry, xy):
+    Without weights the loss is the mean cross-entropy over every supervised token of the step:
+    the sum over all micro-batches divided by their total count, so a micro-batch with few or no
+    supervised tokens (SFT rows are mostly user text) weighs by its tokens, never NaN, and a step
+    with none at all has loss 0 and no update beyond weight decay. With weights (RL's
+    per-token advantages, already normalised by the caller) the loss is the plain weighted sum.
+    """
+    def step(params, opt_state, batch):
+        inputs, targets, *weights = batch
+        if weights:
+            norm = jnp.ones([], jnp.float32)
+        else:
+            norm = jnp.maximum(jnp.sum(targets >= 0), 1).astype(jnp.float32)
+        with sharding.activation_rules(mesh, rules):
+            loss_and_grad = jax.value_and_grad(lambda p, *xs: model_lib.summed_loss_fn(graphdef, p, *xs) / norm)
+
+            def micro_step(carry, xs):
                 loss_sum, grad_sum = carry
-                loss, grads = loss_and_grad(params, *xy)
+                loss, grads = loss_and_grad(params, *xs)
                 return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            (loss_sum, grad_sum), _ = jax.lax.scan(micro_step, (jnp.zeros([], jnp.float32), zeros), batch)
-            accum = batch[0].shape[0]
-            grads = jax.tree.map(lambda g: g / accum, grad_sum)
+            (loss, grads), _ = jax.lax.scan(micro_step, (jnp.zeros([], jnp.float32), zeros), batch)
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss_sum / accum, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": jnp.sum(targets >= 0)}
         return params, opt_state, metrics
 
-    return jax.jit(step, in_shardings=(param_shardings, opt_shardings, (batch_sharding, batch_sharding)),
+    return jax.jit(step, in_shardings=(param_shardings, opt_shardings, batch_sharding),
                    out_shardings=(param_shardings, opt_shardings, None), donate_argnums=(0, 1))

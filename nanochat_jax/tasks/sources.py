@@ -36,6 +36,18 @@ def hf_url(repo: str, file: str) -> str:
     return f"{HF_URL}/datasets/{repo}/resolve/main/{file}"
 
 
+OFFLINE = "offline"
+OFFLINE_DIR = Path(__file__).parent / "offline"  # the subsets the package ships (launch/make_offline_tasks.py)
+
+
+def configured_data_dir(value: str) -> Path | None:
+    """A config's `chat.data_dir`: "offline" is the package's own subsets, "" is None (the
+    environment's folder, else download), anything else a folder."""
+    if value == OFFLINE:
+        return OFFLINE_DIR
+    return Path(value) if value else None
+
+
 def local_dir(data_dir: str | os.PathLike | None) -> Path | None:
     """The local data folder chosen by the argument or the environment; None means download."""
     chosen = data_dir or os.environ.get(TASK_DATA_ENV)
