@@ -1,43 +1,51 @@
 """Bits per byte of a trained base model on train and val, and its greedy samples.
 
-    python -m launch.base_loss --config=tiny [--step=N]
+    python -m launch.base_loss --config=tiny [--source=base] [--tag=TAG] [--step=N]
 
-Loads the parameters (no optimizer state) of the latest (or given) checkpoint of
-`python -m launch.base_train` with the same config, evaluates train.eval_tokens tokens of each
-split, and prints nanochat's seven samples. Last line: JSON with train_bpb and val_bpb.
+Loads the parameters (no optimizer state) of the latest (or given) checkpoint of a stage: by
+default the most recent base run (`launch.base_train`, or a model brought in with
+`launch.import_nanochat`, whose own tokenizer travels with it). The model is the checkpoint's;
+the config gives the data and the mesh. Evaluates train.eval_tokens tokens of each split and
+prints nanochat's seven samples. Last line: JSON with train_bpb and val_bpb.
 """
 import json
 
 import jax
 
 from launch import run
-from launch.base_train import evaluate_bpb, load_tokenizer, print_samples
 from nanochat_jax import report, sharding
-from nanochat_jax.checkpoint import checkpoint_dir, load_params
+from nanochat_jax.checkpoint import STAGES
 from nanochat_jax.config import config_from_args
-from nanochat_jax.evals.bpb import make_bpb_sums
+from nanochat_jax.data.pretrain import pretrain_loader
+from nanochat_jax.evals.bpb import bits_per_byte, make_bpb_sums
+from nanochat_jax.loading import open_source
+from nanochat_jax.sampling import sample_texts
 from nanochat_jax.train import build_training
 
 
 def add_arguments(parser):
+    parser.add_argument("--source", default="base", choices=STAGES, help="checkpoint stage (default: base)")
+    parser.add_argument("--tag", default=None, help="run tag (default: the stage's most recent run)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
 
 
 def main(argv=None):
     cfg, args = config_from_args(argv, description=__doc__, add_arguments=add_arguments)
     sharding.initialize_distributed()
-    tok = load_tokenizer(cfg)
+    source = open_source(cfg, args.source, tag=args.tag, step=args.step)
+    cfg, tok = source.config, source.tokenizer
     training = build_training(cfg, num_iterations=1)
-    params_target, _ = training.abstract_state()
-    directory = checkpoint_dir("base", cfg.name)
-    params, meta = load_params(directory, args.step, params_target=params_target)
-    print(f"loaded step {meta.get('step')} from {directory}", flush=True)
+    params = source.load_params(training.abstract_state()[0])
+    print(f"loaded step {source.step} from {source.directory}", flush=True)
     sums_fn = make_bpb_sums(training.graphdef, tok.token_bytes(), training.mesh, training.rules)
-    result = {"step": meta.get("step")}
+    micro = training.batch_shape[1]
+    result = {"step": source.step}
     for split in ("train", "val"):
-        result[f"{split}_bpb"] = evaluate_bpb(cfg, training, tok, params, sums_fn, split)
+        with pretrain_loader(cfg, tok, split, rows=micro // jax.process_count(), loop=split == "train") as loader:
+            batches = training.micro_batches(loader, training.eval_batches(cfg.train.eval_tokens))
+            result[f"{split}_bpb"] = bits_per_byte(sums_fn, params, batches)
         print(f"{split} bpb: {result[f'{split}_bpb']:.4f}", flush=True)
-    samples = print_samples(training, tok, params)
+    samples = sample_texts(training.graphdef, params, tok)
     if jax.process_index() == 0:
         report.log("Base model loss", result, "Samples:\n\n" + "\n".join(f"- {s!r}" for s in samples))
         print(json.dumps(result))

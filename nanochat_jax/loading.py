@@ -6,6 +6,7 @@ import from nanochat writes, with nanochat's tiktoken vocabulary) travels with i
 the model was trained here with the run's tokenizer in `$NANOCHAT_BASE_DIR/tokenizer`. A
 checkpoint that recorded its tokenizer's hash loads only with that tokenizer: one retrained since,
 even of the same size, would turn the model's token ids into other text."""
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -29,6 +30,16 @@ class LoadedModel:
     tokenizer: Tokenizer  # or tokenizer_tiktoken.TiktokenTokenizer: the same interface
     step: int
     directory: Path
+
+
+def run_tokenizer(cfg) -> Tokenizer:
+    """The tokenizer of this run ($NANOCHAT_BASE_DIR/tokenizer), checked against the config's vocabulary."""
+    tok = Tokenizer.load(paths.tokenizer_dir())
+    if tok.vocab_size != cfg.model.vocab_size:
+        raise SystemExit(f"the tokenizer in {paths.tokenizer_dir()} has {tok.vocab_size:,} tokens but the config's model "
+                         f"expects {cfg.model.vocab_size:,}: retrain it with `python -m launch.tok_train "
+                         f"--config={cfg.name}`")
+    return tok
 
 
 def find_checkpoint_dir(stage: str, tag: str | None = None) -> Path:
@@ -92,3 +103,35 @@ def checked_tokenizer(directory: Path, info: dict, model_cfg: model_lib.GPTConfi
                          f"{directory / str(info['step'])} was trained with (sha256 {recorded[:16]}...): "
                          f"put that tokenizer back, or train the model again")
     return tokenizer
+
+
+RUNTIME_MODEL_FIELDS = ("compute_dtype", "attention", "remat", "loss_chunk")  # how to run, not what was trained
+
+
+@dataclasses.dataclass
+class Source:
+    """A checkpoint a stage continues from or scores, with the run config to use for it."""
+    directory: Path
+    step: int
+    info: dict
+    config: ConfigDict  # the launcher's config with the checkpoint's model architecture
+    tokenizer: Tokenizer
+
+    def load_params(self, params_target):
+        """The checkpoint's parameters restored into `params_target`'s shapes and shardings (no optimizer)."""
+        return load_params(self.directory, self.step, params_target=params_target)[0]
+
+
+def open_source(cfg: ConfigDict, stage: str, *, tag: str | None = None, step: int | None = None) -> Source:
+    """The checkpoint of `stage` (latest run and step unless given): `cfg` keeps its data,
+    training and runtime settings, but the model is the one in the checkpoint (an imported
+    nanochat d20 stays a d20 under `--config=tiny`), and the tokenizer is the checkpoint's own,
+    checked against the hash it recorded."""
+    directory = find_checkpoint_dir(stage, tag)
+    info = load_info(directory, step)
+    cfg = copy.deepcopy(cfg)
+    for key, value in info["config"]["model"].items():
+        if key not in RUNTIME_MODEL_FIELDS and key in cfg.model:
+            cfg.model[key] = value
+    tokenizer = checked_tokenizer(directory, info, model_lib.GPTConfig.from_config(cfg.model))
+    return Source(directory, info["step"], info, cfg, tokenizer)

@@ -34,3 +34,25 @@ def greedy_generate(graphdef, params, prompts: list[list[int]], max_new_tokens: 
         tokens, lengths = _greedy_step(graphdef, params, tokens, lengths)
     tokens = jax.device_get(tokens)
     return [tokens[i, len(p):len(p) + max_new_tokens].tolist() for i, p in enumerate(prompts)]
+
+
+SAMPLE_PROMPTS = (  # nanochat's, printed during and after base training
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+)
+
+
+def sample_texts(graphdef, params, tokenizer, prompts=SAMPLE_PROMPTS, max_new_tokens: int = 16) -> list[str]:
+    """Each prompt followed by its greedy continuation (after BOS), printed by process 0."""
+    encoded = [tokenizer.encode(p, prepend="<|bos|>") for p in prompts]
+    outputs = greedy_generate(graphdef, params, encoded, max_new_tokens=max_new_tokens)
+    texts = [p + tokenizer.decode(out) for p, out in zip(prompts, outputs)]
+    if jax.process_index() == 0:
+        for text in texts:
+            print(f"  sample: {text!r}", flush=True)
+    return texts

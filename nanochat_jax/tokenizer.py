@@ -91,6 +91,12 @@ class Tokenizer:
                 raise ValueError(f"not a nanochat-jax tokenizer: {name} is not control id {expected}")
         self._space_meta_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_META.encode()]
 
+    def __getstate__(self):  # pickled as its model, for data-loader worker processes
+        return {"model_proto": self.model_proto}
+
+    def __setstate__(self, state):
+        self.__init__(state["model_proto"])
+
     # ---- files ------------------------------------------------------------------------------
     @classmethod
     def load(cls, directory) -> "Tokenizer":

@@ -6,14 +6,22 @@ scans over the micro-batches, sums their gradients of the step's mean loss over 
 state so their memory is reused. Base, mid, SFT and RL training all drive this same step.
 """
 import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from nanochat_jax import hardware, optim, sharding
 from nanochat_jax import model as model_lib
-from nanochat_jax import optim, sharding
 
 
 def batch_geometry(train_cfg, sequence_len: int, batch_shards: int) -> tuple[int, int]:
@@ -67,6 +75,12 @@ class Training:
         opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
         return params, opt_state
 
+    def start_from(self, params):
+        """A fresh optimizer for given parameters (the previous stage's), placed as training wants."""
+        params = jax.device_put(params, self.param_shardings)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
+        return params, opt_state
+
     def abstract_state(self):
         """Shapes, dtypes and shardings of (params, opt_state): restore targets for checkpoints."""
         params = jax.eval_shape(lambda: model_lib.init_params(self.model_cfg, jax.random.key(0)))
@@ -95,6 +109,22 @@ class Training:
         """Rows of seq + 1 tokens this process reads per optimizer step."""
         accum, micro, _ = self.batch_shape
         return accum * micro // jax.process_count()
+
+    def micro_batches(self, rows, limit: int):
+        """Up to `limit` placed (inputs, targets) micro-batches from an iterator of this process's
+        (local micro rows, seq + 1) token rows, as evaluation feeds them."""
+        one_micro = self.batch_shape[1:]
+        for _ in range(limit):
+            chunk = next(rows, None)
+            if chunk is None:
+                return
+            yield (sharding.put_local_batch(chunk[:, :-1], self.micro_sharding, one_micro),
+                   sharding.put_local_batch(chunk[:, 1:], self.micro_sharding, one_micro))
+
+    def eval_batches(self, tokens: int) -> int:
+        """Micro-batches that hold `tokens` tokens (at least one)."""
+        _, micro, seq = self.batch_shape
+        return max(1, tokens // (micro * seq))
 
     def place_batch(self, inputs, targets):
         """Put a global (accum, batch, seq) host batch on the mesh (each process keeps its part)."""
@@ -178,3 +208,186 @@ def make_train_step(graphdef, tx, mesh, rules, param_shardings, opt_shardings, b
 
     return jax.jit(step, in_shardings=(param_shardings, opt_shardings, batch_sharding),
                    out_shardings=(param_shardings, opt_shardings, None), donate_argnums=(0, 1))
+
+
+# ---- the one training loop ---------------------------------------------------------------------
+
+class StopRequest:
+    """SIGTERM/SIGINT ask the loop to checkpoint and exit at the end of the current step.
+
+    On several hosts the signal may reach the processes at different steps, and a checkpoint is
+    a collective: so the processes agree on the flag every step (one tiny all-gather) and all
+    stop at the same step."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, _frame):
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step", flush=True)
+
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self.signal is not None
+        flags = multihost_utils.process_allgather(np.int32(self.signal or 0))
+        self.signal = self.signal or int(np.max(flags)) or None
+        return self.signal is not None
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclasses.dataclass
+class Hook:
+    """An evaluation (or sampling) the loop runs with the current parameters: `fn(params, step)`
+    returns figures to log, or None. It runs every `every` steps (<= 0: only at the end), at the
+    last step, and at step 0 of a fresh run when `at_start` (nanochat validates before training)."""
+    name: str
+    every: int
+    fn: Callable
+    at_start: bool = False
+
+    def due(self, step: int, last: bool, fresh_start: bool) -> bool:
+        if step == 0:
+            return self.at_start and fresh_start
+        return last or (self.every > 0 and step % self.every == 0)
+
+
+@dataclasses.dataclass
+class RunState:
+    """Where a run stands: parameters, optimizer state, the step reached and what the run has
+    recorded so far (`meta`: best figures, training time; saved in every checkpoint)."""
+    params: object
+    opt_state: object
+    step: int
+    meta: dict
+    resumed: bool = False
+
+
+def resume_or_start(training: Training, checkpointer, batches, tok_hash: str, start: Callable[[], tuple],
+                    *, tokenizer_dir=None) -> RunState:
+    """The latest good checkpoint of this run (parameters, optimizer, data position, meta), or
+    `start()` -> (params, opt_state) for a fresh run. A checkpoint trained with another tokenizer
+    is refused: its token ids would mean other text."""
+    if checkpointer.latest_step() is None:
+        params, opt_state = start()
+        return RunState(params, opt_state, 0, {"train_time_s": 0.0})
+    params_target, opt_target = training.abstract_state()
+    restored = checkpointer.restore(params_target=params_target, opt_target=opt_target)
+    trained_with = restored["meta"].get("tokenizer_sha256")
+    if trained_with not in (None, tok_hash):
+        raise SystemExit(f"error: {tokenizer_dir or 'the tokenizer'} is not the one the checkpoint in "
+                         f"{checkpointer.directory} was trained with (sha256 {tok_hash[:12]}... vs "
+                         f"{trained_with[:12]}...): put that tokenizer back, or train from scratch elsewhere")
+    batches.set_state(restored["data"])
+    print(f"resumed from step {restored['step']} in {checkpointer.directory}", flush=True)
+    return RunState(restored["params"], restored["opt_state"], restored["step"],
+                    {"train_time_s": 0.0, **restored["meta"]}, resumed=True)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def fit(training: Training, state: RunState, batches, checkpointer, *, config, tok_hash: str,
+        hooks: tuple[Hook, ...] = (), lr_multiplier: Callable[[int], float] | None = None,
+        log_every_step: bool = True, wandb_run=None) -> RunState:
+    """Train from `state` to `training.num_iterations`: the loop every stage runs.
+
+    `batches` yields placed step batches (`training.step`'s third argument) and has
+    `get_state()` / `set_state()`; a source with `observe(params)` (RL's rollouts) is on-policy:
+    it is handed the newest parameters before each batch, and so its batches cannot be prepared
+    ahead. Otherwise the next batch is read while the device runs the step (the loss is only read
+    back after). Each step appends a JSON line to `<checkpoints>/metrics.jsonl`; hooks run with the
+    current parameters; checkpoints go out every `checkpoint.every` steps, at the end and on
+    SIGTERM/SIGINT (then the process exits 128 + signal), each with the data position of the
+    batch after it, so a rerun resumes exactly. A NaN/inf loss raises NonFiniteLoss, keeping the
+    last good checkpoint.
+    """
+    num_iterations = training.num_iterations
+    flops_per_token = model_lib.flops_per_token(training.model_cfg)
+    on_policy = hasattr(batches, "observe")
+    params, opt_state, step, meta = state.params, state.opt_state, state.step, state.meta
+    fresh_start = not state.resumed and step == 0
+    lead = jax.process_index() == 0
+
+    def run_hooks(last: bool) -> dict:
+        figures = {}
+        for hook in hooks:
+            if hook.due(step, last, fresh_start):
+                got = hook.fn(params, step) or {}
+                figures.update(got)
+                if lead and got:
+                    shown = " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in got.items())
+                    print(f"step {step:05d} | {shown}", flush=True)
+        meta.update(figures)
+        return figures
+
+    if step >= num_iterations:
+        print(f"already trained to step {step} of {num_iterations}", flush=True)
+    else:
+        run_hooks(last=False)
+    stop = StopRequest()
+    smooth, timed_steps, timed_s, timed_tokens = 0.0, 0, 0.0, 0
+    batch = None
+    try:
+        while step < num_iterations:
+            t0 = time.perf_counter()
+            if on_policy:
+                batches.observe(params)
+            if batch is None:
+                batch = next(batches)
+            data_dt = time.perf_counter() - t0
+            processed = math.prod(batch[0].shape)  # tokens through the model, supervised or not
+            params, opt_state, metrics = training.step(params, opt_state, batch)
+            step += 1
+            last = step == num_iterations
+            state_after = batches.get_state()  # the position a resume at `step` continues from
+            batch = None if (on_policy or last) else next(batches)  # while the device computes
+            loss = float(metrics["loss"])
+            dt = time.perf_counter() - t0
+            if not math.isfinite(loss):
+                checkpointer.wait()
+                raise NonFiniteLoss(f"step {step}: loss is {loss}; stopping. The last good checkpoint (step "
+                                    f"{checkpointer.latest_step()}) is kept in {checkpointer.directory}")
+            if step - state.step > 10:  # the first steps include compilation
+                timed_steps, timed_s, timed_tokens = timed_steps + 1, timed_s + dt, timed_tokens + processed
+                meta["train_time_s"] = meta.get("train_time_s", 0.0) + dt
+            smooth = 0.9 * smooth + 0.1 * loss
+            debiased = smooth / (1 - 0.9 ** (step - state.step))
+            tps = processed / dt
+            mfu = hardware.mfu(flops_per_token, tps, jax.device_count())
+            eta = (num_iterations - step) * (timed_s / timed_steps) if timed_steps else None
+            lrm = None if lr_multiplier is None else float(lr_multiplier(step - 1))
+            if lead and log_every_step:
+                print(f"step {step:05d}/{num_iterations} | loss {debiased:.4f}"
+                      f"{'' if lrm is None else f' | lrm {lrm:.3f}'} | {dt * 1000:.0f} ms (data {data_dt * 1000:.0f}) | "
+                      f"{tps:,.0f} tok/s | MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
+                      f"ETA {'n/a' if eta is None else f'{eta / 60:.1f} min'}", flush=True)
+            log = {"step": step, "loss": debiased, "raw_loss": loss, "lrm": lrm,
+                   "supervised_tokens": int(metrics["tokens"]),
+                   "tokens_per_s": tps, "mfu": mfu, **getattr(batches, "step_figures", dict)()}
+            log.update(run_hooks(last))
+            if lead:
+                with open(checkpointer.directory / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(log) + "\n")
+            if wandb_run is not None:
+                wandb_run.log(log, step=step)
+            stopping = stop.requested()
+            meta.update(step=step, num_iterations=num_iterations)
+            checkpointer.save(step, params, opt_state, state_after, config, dict(meta), force=last or stopping,
+                              tokenizer_hash=tok_hash)
+            if stopping and not last:
+                checkpointer.wait()
+                print(f"checkpoint at step {step} saved; run the same command to resume", flush=True)
+                checkpointer.close()
+                sys.exit(128 + stop.signal)
+    finally:
+        stop.restore()
+    checkpointer.wait()
+    meta["tokens_per_s"] = timed_tokens / timed_s if timed_s else None  # of this invocation, after warm-up
+    return RunState(params, opt_state, step, meta, state.resumed)

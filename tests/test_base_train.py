@@ -113,7 +113,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(base_dir, monkeypatch
     """A step whose loss is NaN stops the run with exit code 3 and a clear message, saves nothing
     for it, and leaves the last good checkpoint (step 1) in place. The model's norms and softcap
     make a real divergence hard to provoke in a few steps, so the step is wrapped to report NaN."""
-    from launch import base_train
+    from launch import base_train, run
 
     real_build = base_train.build_training
 
@@ -135,8 +135,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(base_dir, monkeypatch
     args = [a for a in OVERRIDES[1:] if "total_batch_size" not in a and "checkpoint_every" not in a]
     try:  # 8 devices in this process: one micro-batch is 8 x 4 rows of 64 tokens
         with pytest.raises(SystemExit) as exit_info:
-            base_train.main(["--config=tiny", *args, "--config.train.total_batch_size=2048",
-                             "--config.train.checkpoint_every=1"])
+            run(lambda: base_train.main(["--config=tiny", *args, "--config.train.total_batch_size=2048",
+                                         "--config.train.checkpoint_every=1"]))
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

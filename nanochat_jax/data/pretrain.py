@@ -35,11 +35,11 @@ class RowGroupStream:
     """This process's work units in stream order; calling it with a position reads and tokenizes one.
 
     A unit is (row group, slice, slices): the row group's documents slice::slices (one slice unless
-    there are fewer row groups than processes). Picklable, the tokenizer as its model proto,
-    because grain sends it to the workers.
+    there are fewer row groups than processes). Picklable (both tokenizers are), because grain
+    sends it to the workers.
     """
 
-    def __init__(self, shards: Sequence[Path], model_proto: bytes, *, process_index: int, process_count: int,
+    def __init__(self, shards: Sequence[Path], tokenizer, *, process_index: int, process_count: int,
                  seed: int, shuffle: bool, threads: int):
         self.groups = []  # (shard, row group in that file, documents)
         for path in shards:
@@ -52,13 +52,9 @@ class RowGroupStream:
             raise ValueError(f"process {process_index} of {process_count} gets no documents from "
                              f"{len(self.groups)} row groups in {len(shards)} shards")
         self.share_len = len(share)
-        self.model_proto, self.process_index, self.process_count = model_proto, process_index, process_count
+        self.tokenizer, self.process_index, self.process_count = tokenizer, process_index, process_count
         self.seed, self.shuffle, self.threads = seed, shuffle, threads
-        self._tokenizer = None
         self._order = (None, None)  # (epoch, permutation), the last one used
-
-    def __getstate__(self):
-        return {**self.__dict__, "_tokenizer": None, "_order": (None, None)}
 
     def unit_at(self, position: int) -> tuple[int, int, int]:
         epoch, i = divmod(position, self.share_len)
@@ -76,9 +72,7 @@ class RowGroupStream:
 
     def tokenize(self, texts: list[str], threads: int) -> tuple[np.ndarray, np.ndarray]:
         """All documents' tokens, BOS first in each, concatenated, and their offsets (len + 1)."""
-        if self._tokenizer is None:
-            self._tokenizer = Tokenizer(self.model_proto)
-        ids = self._tokenizer.encode(texts, prepend=self._tokenizer.bos_id, num_threads=threads) if texts else []
+        ids = self.tokenizer.encode(texts, prepend=self.tokenizer.bos_id, num_threads=threads) if texts else []
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum([len(x) for x in ids], out=offsets[1:])
         return np.fromiter(itertools.chain.from_iterable(ids), np.int32, offsets[-1]), offsets
@@ -108,7 +102,7 @@ class PretrainLoader:
         if min(seq_len, rows, buffer_docs) < 1 or num_workers < 0:
             raise ValueError("seq_len, rows and buffer_docs must be >= 1 and num_workers >= 0")
         threads = 0 if num_workers == 0 else max(1, (os.cpu_count() or 1) // num_workers)  # 0: every core
-        self._source = RowGroupStream(shards, tokenizer.model_proto, process_index=process_index,
+        self._source = RowGroupStream(shards, tokenizer, process_index=process_index,
                                       process_count=process_count, seed=seed, shuffle=shuffle, threads=threads)
         self.row_len, self.rows, self.num_workers = seq_len + 1, rows, num_workers
         self.buffer_docs, self.loop = buffer_docs, loop
