@@ -14,12 +14,11 @@ import json
 import time
 
 from launch import run
-from launch.tok_train import training_sentences
 from nanochat_jax import paths
 from nanochat_jax.config import config_from_args
 from nanochat_jax.data.pretrain import pretrain_loader
 from nanochat_jax.data.shards import iter_documents, shards_for_split
-from nanochat_jax.tokenizer import Tokenizer, train_tokenizer
+from nanochat_jax.tokenizer import Tokenizer, train_tokenizer, training_sentences
 
 THROWAWAY_CHARS = 20_000_000
 

@@ -14,14 +14,12 @@ import os
 import resource
 import time
 
-import tiktoken
 
 from launch import run
-from launch.tok_eval import load_tiktoken
-from launch.tok_train import training_sentences
 from nanochat_jax.config import config_from_args
 from nanochat_jax.data.shards import iter_documents, shards_for_split
-from nanochat_jax.tokenizer import max_training_pieces, train_tokenizer
+from nanochat_jax.tokenizer import max_training_pieces, train_tokenizer, training_sentences
+from nanochat_jax.tokenizer_tiktoken import load_tiktoken
 
 
 def add_arguments(parser):

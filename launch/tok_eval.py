@@ -12,14 +12,11 @@ reported and its figures are null. Prints both comparison tables, writes them to
 ends with one JSON line: {"bytes_per_token": {"ours"|"gpt2"|"gpt4": {text: value}},
 "vocab_size": ours, "vocab_sizes", "tokens", "bytes", "token_savings_pct", "config"}.
 """
-import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import tiktoken
 
 from launch import run
 from launch.tok_eval_samples import SAMPLES
@@ -27,30 +24,9 @@ from nanochat_jax import paths, report
 from nanochat_jax.config import config_from_args
 from nanochat_jax.data.shards import shards_for_split
 from nanochat_jax.tokenizer import Tokenizer
+from nanochat_jax.tokenizer_tiktoken import load_tiktoken
 
 BASELINES = {"gpt2": ("GPT-2", "r50k_base"), "gpt4": ("GPT-4", "cl100k_base")}
-TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
-
-
-def load_tiktoken(encoding: str, tiktoken_dir=None) -> tiktoken.Encoding:
-    """tiktoken's `encoding`, taken from `<tiktoken_dir>/<encoding>.tiktoken` when a folder is given.
-
-    tiktoken looks its files up in $TIKTOKEN_CACHE_DIR under the sha1 of their download URL (and
-    checks their sha256), so a copy placed under that name loads with no network. The cache is
-    the user's $TIKTOKEN_CACHE_DIR, else $NANOCHAT_BASE_DIR/tiktoken_cache.
-    """
-    cache = Path(os.environ.get("TIKTOKEN_CACHE_DIR") or paths.base_dir() / "tiktoken_cache")
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
-    if tiktoken_dir is not None:
-        source = Path(tiktoken_dir) / f"{encoding}.tiktoken"
-        if not source.is_file():
-            raise FileNotFoundError(f"no {source.name} in {tiktoken_dir}")
-        cache.mkdir(parents=True, exist_ok=True)
-        target = cache / hashlib.sha1(TIKTOKEN_URL.format(encoding).encode()).hexdigest()
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.copyfile(source, tmp)  # contents only: the source may be read-only
-        os.replace(tmp, target)
-    return tiktoken.get_encoding(encoding)
 
 
 def first_row_group_text(shard: Path) -> str:

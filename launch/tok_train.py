@@ -11,32 +11,15 @@ SentencePiece holds its training pieces in memory, so at most `tokenizer.max_sen
 """
 import json
 import resource
-import sys
 import time
 
 import numpy as np
-from tqdm import tqdm
 
 from launch import run
 from nanochat_jax import paths, report
 from nanochat_jax.config import config_from_args
 from nanochat_jax.data.shards import iter_documents, shards_for_split
-from nanochat_jax.tokenizer import max_training_pieces, split_for_training, train_tokenizer
-
-
-def training_sentences(docs, max_chars: int, stats: dict):
-    """Training pieces of `docs` until `max_chars` characters have been read, with a progress bar.
-    Counts documents, characters and pieces into `stats` as it goes."""
-    with tqdm(total=max_chars, unit="char", unit_scale=True, desc="reading", file=sys.stderr) as bar:
-        for doc in docs:
-            stats["documents"] += 1
-            stats["chars"] += len(doc)
-            bar.update(len(doc))
-            for line in split_for_training(doc):
-                stats["sentences"] += 1
-                yield line
-            if stats["chars"] >= max_chars:
-                return
+from nanochat_jax.tokenizer import max_training_pieces, train_tokenizer, training_sentences
 
 
 def main(argv=None):

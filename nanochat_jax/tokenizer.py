@@ -11,11 +11,13 @@ text, so a user typing `<|assistant_end|>` gets plain-text tokens, not the contr
 """
 import io
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+from tqdm import tqdm
 
 SPECIAL_TOKENS = (
     "<|bos|>",
@@ -80,6 +82,21 @@ def split_for_training(text: str, max_len: int = 4096) -> Iterable[str]:
             end = newline + 1 if newline > start else end
         yield text[start:end]
         start = end
+
+
+def training_sentences(docs, max_chars: int, stats: dict):
+    """Training pieces of `docs` until `max_chars` characters have been read, with a progress bar.
+    Counts documents, characters and pieces into `stats` as it goes."""
+    with tqdm(total=max_chars, unit="char", unit_scale=True, desc="reading", file=sys.stderr) as bar:
+        for doc in docs:
+            stats["documents"] += 1
+            stats["chars"] += len(doc)
+            bar.update(len(doc))
+            for line in split_for_training(doc):
+                stats["sentences"] += 1
+                yield line
+            if stats["chars"] >= max_chars:
+                return
 
 
 class Tokenizer:

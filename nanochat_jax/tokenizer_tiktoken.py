@@ -6,16 +6,20 @@ nanochat, text is encoded with `encode_ordinary`: special-token strings typed in
 text. On disk it is one JSON file (ranks as base64 bytes), never a pickle, plus token_bytes.npy.
 """
 import base64
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import tiktoken
 
+from nanochat_jax import paths
 from nanochat_jax.tokenizer import SPECIAL_TOKENS, TOKEN_BYTES_FILE, save_files
 
 ENCODING_FILE = "tiktoken.json"
+TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
 
 
 class TiktokenTokenizer:
@@ -94,3 +98,24 @@ class TiktokenTokenizer:
     def decode(self, ids) -> str:
         """Text of a token sequence; special tokens appear as their names."""
         return self.encoding.decode([int(i) for i in ids])
+
+
+def load_tiktoken(encoding: str, tiktoken_dir=None) -> tiktoken.Encoding:
+    """tiktoken's `encoding`, taken from `<tiktoken_dir>/<encoding>.tiktoken` when a folder is given.
+
+    tiktoken looks its files up in $TIKTOKEN_CACHE_DIR under the sha1 of their download URL (and
+    checks their sha256), so a copy placed under that name loads with no network. The cache is
+    the user's $TIKTOKEN_CACHE_DIR, else $NANOCHAT_BASE_DIR/tiktoken_cache.
+    """
+    cache = Path(os.environ.get("TIKTOKEN_CACHE_DIR") or paths.base_dir() / "tiktoken_cache")
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+    if tiktoken_dir is not None:
+        source = Path(tiktoken_dir) / f"{encoding}.tiktoken"
+        if not source.is_file():
+            raise FileNotFoundError(f"no {source.name} in {tiktoken_dir}")
+        cache.mkdir(parents=True, exist_ok=True)
+        target = cache / hashlib.sha1(TIKTOKEN_URL.format(encoding).encode()).hexdigest()
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.copyfile(source, tmp)  # contents only: the source may be read-only
+        os.replace(tmp, target)
+    return tiktoken.get_encoding(encoding)

@@ -9,7 +9,7 @@ import pytest
 from configs.tiny import get_config
 from launch import tok_eval
 from launch.tok_eval_samples import SAMPLES
-from nanochat_jax import paths
+from nanochat_jax import paths, tokenizer_tiktoken
 from nanochat_jax.data.shards import iter_documents, shards_for_split
 from nanochat_jax.tokenizer import split_for_training, train_tokenizer
 
@@ -62,7 +62,7 @@ def test_compares_with_gpt2_and_gpt4_offline(small_tokenizer, base_dir, capsys):
 
     cache = base_dir / "tiktoken_cache"  # tiktoken found the files under the sha1 of their URLs
     for encoding in ("r50k_base", "cl100k_base"):
-        assert (cache / hashlib.sha1(tok_eval.TIKTOKEN_URL.format(encoding).encode()).hexdigest()).is_file()
+        assert (cache / hashlib.sha1(tokenizer_tiktoken.TIKTOKEN_URL.format(encoding).encode()).hexdigest()).is_file()
 
     section = (base_dir / "report" / "tokenizer-evaluation.md").read_text()
     assert "### Comparison with GPT-2" in section and "### Comparison with GPT-4" in section

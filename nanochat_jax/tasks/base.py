@@ -45,6 +45,10 @@ class Task:
     def evaluate(self, conversation: dict, completion: str) -> bool:
         raise NotImplementedError(f"{type(self).__name__} has no right answer to judge a completion by")
 
+    def reward(self, conversation: dict, completion: str) -> float:
+        """RL's reward: 1.0 for a completion `evaluate` accepts, else 0.0 (no format reward, as nanochat)."""
+        return float(self.evaluate(conversation, completion))
+
     def _view(self) -> range:
         return range(self.num_examples())[self.start:self.stop:self.step]
 

@@ -222,5 +222,3 @@ class ArithmeticRL(ArithmeticWordProblems):
 
     stream, train_buckets = "ArithmeticRL", (7, 8, 9)
 
-    def reward(self, conversation: dict, completion: str) -> float:
-        return float(self.evaluate(conversation, completion))
