@@ -8,6 +8,7 @@ checkpoint that recorded its tokenizer's hash loads only with that tokenizer: on
 even of the same size, would turn the model's token ids into other text."""
 import copy
 import dataclasses
+import shutil
 from pathlib import Path
 
 import jax
@@ -120,6 +121,14 @@ class Source:
     def load_params(self, params_target):
         """The checkpoint's parameters restored into `params_target`'s shapes and shardings (no optimizer)."""
         return load_params(self.directory, self.step, params_target=params_target)[0]
+
+    def carry_tokenizer(self, run_directory) -> None:
+        """Give a run trained from this checkpoint the same tokenizer: a model's own tokenizer (an
+        imported nanochat model's tiktoken vocabulary) is copied beside the new run's checkpoints,
+        as `load_model` looks for it there; a model using the run's tokenizer needs nothing."""
+        own = Path(self.directory) / "tokenizer"
+        if own.is_dir() and jax.process_index() == 0:
+            shutil.copytree(own, Path(run_directory) / "tokenizer", dirs_exist_ok=True)
 
 
 def open_source(cfg: ConfigDict, stage: str, *, tag: str | None = None, step: int | None = None) -> Source:
