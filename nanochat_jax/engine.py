@@ -155,9 +155,7 @@ class Engine:
         if prefill_chunk is not None and any(b > prefill_chunk and b % prefill_chunk for b in self.buckets):
             raise ValueError(f"prefill_chunk {prefill_chunk} must divide every longer bucket of {self.buckets}")
         self.prefill_chunk = prefill_chunk
-        # Decoding reads every weight once per step, and the model casts each one to the compute
-        # dtype before use anyway: holding them cast is exact and halves the bytes read in bf16.
-        self.params = jax.tree.map(lambda p: p.astype(model_cfg.dtype), params)
+        self.set_params(params)
         sharding = jax.tree.leaves(self.params)[0].sharding
         self.cache_sharding = NamedSharding(sharding.mesh, P()) if isinstance(sharding, NamedSharding) else None
         special = tokenizer.encode_special
@@ -177,6 +175,14 @@ class Engine:
         self._expand = jax.jit(_expand, static_argnums=(1, 2), out_shardings=cache_out)
         self.insert_rows = jax.jit(_insert, donate_argnums=0, out_shardings=cache_out)
         self._take_rows = jax.jit(_take_rows, out_shardings=cache_out)
+
+    def set_params(self, params) -> None:
+        """Decode with new weights (RL's, after each optimizer step) through the steps compiled
+        already: the jitted steps take the params as an argument, and weights of the same shapes,
+        dtype and sharding compile nothing new. Decoding reads every weight once per step, and the
+        model casts each one to the compute dtype before use anyway: holding them cast is exact and
+        halves the bytes read in bf16."""
+        self.params = jax.tree.map(lambda p: p.astype(self.cfg.dtype), params)
 
     def bucket(self, length: int) -> int:
         """The smallest bucket that holds `length` positions."""
@@ -281,7 +287,7 @@ class Engine:
 
     def generate_many(self, prompts: list[list[int]], num_samples: int = 1, max_tokens: int = 256,
                       temperature: float = 1.0, top_k: int | None = None, seed: int = 42,
-                      max_rows: int | None = None) -> list[tuple[list[list[int]], list[list[int]]]]:
+                      max_rows: int | None = None, keep_stop: bool = False) -> list[tuple[list[list[int]], list[list[int]]]]:
         """For each prompt, (rows, masks) as `generate_batch(prompt, num_samples, ...)` gives them,
         with prompt i drawing as generate_batch with `seed + i` does (row j of a prompt draws with
         key (seed, j, step), whatever rows decode beside it), so a prompt's result does not depend
@@ -290,7 +296,8 @@ class Engine:
         into free rows of one cache and its rows step at their own positions; a finished row frees
         its place for the next prompt, and once no prompt waits the batch shrinks by halves as rows
         finish. Each row stops at a stop token, after `max_tokens` tokens or at the end of the
-        context."""
+        context. With `keep_stop` a row keeps the stop token it sampled as its last token (RL
+        trains on it, and needs to know which of `stop_tokens` it was)."""
         context = self.cfg.sequence_len
         if not prompts:
             return []
@@ -315,7 +322,7 @@ class Engine:
             row = slots[slot]
             token, mask = self.advance(row.state, sampled)
             row.token, row.emitted = token, row.emitted + 1
-            if not row.state.completed:
+            if keep_stop or not row.state.completed:
                 results[row.prompt][0][row.sample].append(token)
                 results[row.prompt][1][row.sample].append(mask)
             if row.state.completed or row.emitted == max_tokens or row.position + 1 == context:
