@@ -306,18 +306,25 @@ def chat_eval(base: Path, *args) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_launcher_evaluates_all_six_tasks_and_reports(base_dir):
-    proc = chat_eval(base_dir, "--max-problems=3", "--max-new-tokens=8", "--batch-size=4",
-                     f"--data-dir={SHARED / 'datasets'}")
+def test_launcher_evaluates_all_six_tasks_and_the_behaviour_and_reports(base_dir):
+    """With the config's defaults: tiny's task data (the package's offline subsets) and its problems
+    per task (here overridden to 3, for the tasks and for each kind of the behaviour figures)."""
+    proc = chat_eval(base_dir, "--config.eval.chat_max_problems=3", "--max-new-tokens=8", "--batch-size=4")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["source"] == "sft" and result["step"] == 7 and result["partial"] is False
     assert list(result["accuracy"]) == list(chat.TASKS) and result["problems"] == dict.fromkeys(chat.TASKS, 3)
     assert all(acc in (0, 1 / 3, 2 / 3, 1) for acc in result["accuracy"].values())
     assert result["chatcore"] == pytest.approx(chat.chatcore(result["accuracy"])[0])
+    figures = result["behaviour"]
+    assert figures["max_new_tokens"] == 128 and list(figures["kinds"]) == ["conversation", "arithmetic", "spelling"]
+    assert all(k["prompts"] + k["too_long"] == 3 for k in figures["kinds"].values())
+    assert 0 <= figures["ends_share"] <= 1 and figures["arithmetic_accuracy"] in (0, 1 / 3, 2 / 3, 1)
     section = (base_dir / "report" / "chat-evaluation-sft.md").read_text()
-    for name in (*chat.TASKS, "ChatCORE"):
+    for name in (*chat.TASKS, "ChatCORE", "ends with <|assistant_end|> within 128 tokens",
+                 "arithmetic calls the calculator", "arithmetic accuracy", "spelling accuracy"):
         assert f"- {name}: " in section
+    assert "| arithmetic | " in section
 
 
 def test_launcher_missing_checkpoint_and_bad_flags_are_clear_errors(tmp_path):
@@ -328,3 +335,5 @@ def test_launcher_missing_checkpoint_and_bad_flags_are_clear_errors(tmp_path):
         main(["-a", "ARC-Easy|HellaSwag"])
     with pytest.raises(SystemExit, match="multiple of the 8 ways"):
         main(["--batch-size=12"])
+    with pytest.raises(SystemExit, match=r"--max-problems \(default: eval.chat_max_problems\) must be >= 1"):
+        main(["--config.eval.chat_max_problems=0"])
