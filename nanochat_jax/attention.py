@@ -14,22 +14,23 @@ A pallas_call has no SPMD partitioning rule, so under a mesh XLA would gather q,
 onto every device and run the kernel replicated. Inside `sharding.activation_rules` the kernel
 therefore runs per shard under shard_map instead: batch split over the batch axes and heads over
 the tensor axis (when query and KV heads both split evenly; otherwise heads stay whole).
+
+The kernel modules (and Pallas with them) are imported where a kernel backend runs, not with this
+module: a model on the xla or cudnn backend never loads them.
 """
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from kernels.decode_attention import decode_attention
-from kernels.decode_attention_mgpu import ROWS, mgpu_decode_attention
-from kernels.flash_attention import flash_attention
 from nanochat_jax import sharding
 
 ATTENTION_AXES = ("batch", None, "act_heads", None)  # the sequence is never split for the kernel
 
 BACKENDS = ("auto", "xla", "cudnn", "pallas", "mosaic")
 # Query rows per KV head up to which cached attention uses a decode kernel: what the Mosaic GPU one
-# takes (one wgmma tile); beyond it (long prefill chunks) the einsum version does better anyway.
-DECODE_KERNEL_ROWS = ROWS
+# takes (kernels/decode_attention_mgpu.ROWS, one wgmma tile); beyond it (long prefill chunks) the
+# einsum version does better anyway.
+DECODE_KERNEL_ROWS = 64
 
 
 def resolve_backend(name: str, dtype) -> str:
@@ -70,7 +71,10 @@ def cached_attention(q, k_cache, v_cache, positions, *, backend: str = "xla", kv
     it skips each row's blocks past its own length, so it takes the whole cache (a slice would be
     a copy), and it takes each row's T positions to be consecutive, as the engine's always are."""
     if backend in ("pallas", "mosaic") and q.shape[1] * (q.shape[2] // k_cache.shape[2]) <= DECODE_KERNEL_ROWS:
-        kernel = mgpu_decode_attention if backend == "mosaic" else decode_attention
+        if backend == "mosaic":
+            from kernels.decode_attention_mgpu import mgpu_decode_attention as kernel
+        else:
+            from kernels.decode_attention import decode_attention as kernel
         return kernel(q, k_cache, v_cache, positions[:, -1] + 1)
     if kv_len is not None:
         k_cache, v_cache = k_cache[:, :kv_len], v_cache[:, :kv_len]
@@ -91,6 +95,7 @@ def attention(q, k, v, *, backend: str = "xla", causal: bool = True):
     if backend == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
     if backend in ("pallas", "mosaic"):
+        from kernels.flash_attention import flash_attention
         mosaic = backend == "mosaic"
         return per_shard(lambda q, k, v: flash_attention(q, k, v, causal=causal, mosaic=mosaic), q, k, v)
     raise ValueError(f"attention backend {backend!r} must be resolved first (see resolve_backend)")

@@ -318,6 +318,34 @@ def test_too_few_examples_for_the_shots_is_a_clear_error(hand_bundle, tokenizer,
         evaluate(hand_bundle, tokenizer, model, one_device(), max_per_task=2)
 
 
+def test_processes_evaluate_the_tasks_they_all_hold_alike(hand_bundle, tokenizer, monkeypatch):
+    """agree_across_processes against a simulated second process, given what that process would send:
+    a task it lacks is missing for both, the order is process 0's, and a task whose rows differ
+    (fewer examples there) is an error."""
+    bundle = bundle_lib.load_bundle(hand_bundle)
+    tasks = {t.label: t for t in bundle.tasks}
+    prepare = lambda label, n=-1: core_lib.prepare_task(tasks[label], bundle.items(tasks[label], n), tokenizer)
+    mine = [prepare(label) for label in ("arc_easy", "copa", "winograd", "lambada_openai")]
+
+    def sent(prepared, missing):
+        """What a process holding `prepared` contributes to the gather."""
+        views = []
+        monkeypatch.setattr(core_lib, "gather_json", lambda view: views.append(view) or [view])
+        core_lib.agree_across_processes(prepared, missing)
+        return views[0]
+
+    theirs = sent([mine[3], mine[2], mine[0]], ["squad", "copa"])
+    monkeypatch.setattr(core_lib, "gather_json", lambda view: [theirs, view])
+    agreed, missing = core_lib.agree_across_processes(mine, ["squad"])
+    assert [p.task.label for p in agreed] == ["lambada_openai", "winograd", "arc_easy"]
+    assert missing == ["squad", "copa"]
+
+    theirs = sent([mine[0], prepare("copa", 4)], ["squad"])
+    monkeypatch.setattr(core_lib, "gather_json", lambda view: [theirs, view])
+    with pytest.raises(ValueError, match="CORE task copa differs between processes"):
+        core_lib.agree_across_processes(mine, ["squad"])
+
+
 @pytest.mark.skipif(not (SHARED / "eval_bundle" / "core.yaml").exists(), reason="shared eval bundle absent")
 def test_packaged_subset_is_nanochat_s_crop_of_the_shared_bundle():
     packaged, shared = bundle_lib.load_bundle(bundle_lib.PACKAGED_DIR), SHARED / "eval_bundle"

@@ -6,6 +6,8 @@ c_proj left at init_params' zeros, a token's logits depend on that token alone, 
 solved so that each scripted token's successors get the top logit.
 """
 import dataclasses
+import functools
+import itertools
 import json
 import math
 import re
@@ -26,7 +28,7 @@ from nanochat_jax.sampling import greedy_generate
 from nanochat_jax.tokenizer import SPECIAL_TOKENS, train_tokenizer
 
 CFG = model_lib.GPTConfig(vocab_size=64, n_layer=2, dim=32, n_head=4, n_kv_head=2, sequence_len=64)
-BUCKETS = (8, 16, 32)
+BUCKETS = (16,)  # with the context: 16 and 64, two shapes per step, and prompts and decodes that cross 16
 PROMPTS = [[7], [3, 9, 27, 1, 40], list(range(2, 15)), [(5 * i) % 64 for i in range(20)]]
 
 
@@ -45,11 +47,18 @@ def random_params(cfg, seed=0):
     return jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
 
 
+@functools.cache
+def random_engine(n_kv_head: int = CFG.n_kv_head) -> Engine:
+    """The random model's engine, one per KV head count for every test that uses it: each engine
+    compiles its own steps, so sharing them is what keeps this file fast."""
+    cfg = dataclasses.replace(CFG, n_kv_head=n_kv_head)
+    return Engine(model_lib.abstract_model(cfg)[0], random_params(cfg), cfg, StubTokenizer(), buckets=BUCKETS)
+
+
 @pytest.fixture(scope="module")
 def model():
-    graphdef, _, _ = model_lib.abstract_model(CFG)
-    params = random_params(CFG)
-    return graphdef, params, Engine(graphdef, params, CFG, StubTokenizer(), buckets=BUCKETS)
+    engine = random_engine()
+    return model_lib.abstract_model(CFG)[0], random_params(CFG), engine
 
 
 def new_tokens(engine, prompt, **kwargs):
@@ -60,10 +69,8 @@ def new_tokens(engine, prompt, **kwargs):
 @pytest.mark.parametrize("n_kv_head", [2, 4])
 def test_greedy_equals_the_no_cache_reference(n_kv_head):
     cfg = dataclasses.replace(CFG, n_kv_head=n_kv_head)
-    graphdef, _, _ = model_lib.abstract_model(cfg)
-    params = random_params(cfg)
-    engine = Engine(graphdef, params, cfg, StubTokenizer(), buckets=BUCKETS)
-    expected = greedy_generate(graphdef, params, PROMPTS, max_new_tokens=12)
+    engine = random_engine(n_kv_head)
+    expected = greedy_generate(model_lib.abstract_model(cfg)[0], random_params(cfg), PROMPTS, max_new_tokens=12)
     for prompt, reference in zip(PROMPTS, expected):
         assert new_tokens(engine, prompt, num_samples=2, max_tokens=12, temperature=0.0) == [reference] * 2
 
@@ -127,9 +134,9 @@ def test_context_overflow_is_a_clear_error(model):
     assert len(list(engine.generate([1] * 60, max_tokens=None, temperature=0.0))) == 4  # None: fill the context
 
 
-def test_prompts_in_one_bucket_share_a_compiled_prefill():
-    graphdef, _, _ = model_lib.abstract_model(CFG)
-    engine = Engine(graphdef, random_params(CFG), CFG, StubTokenizer(), buckets=BUCKETS)
+def test_prompts_in_one_bucket_share_a_compiled_prefill(model):
+    graphdef, params, _ = model
+    engine = Engine(graphdef, params, CFG, StubTokenizer(), buckets=(8, 16, 32))  # its own prefill cache
     assert engine.buckets == (8, 16, 32, 64)
     for length in (3, 5, 8):
         engine.generate_batch(list(range(1, length + 1)), max_tokens=2, temperature=0.0)
@@ -184,10 +191,7 @@ def test_generate_many_rows_equal_generate_batch_per_prompt(model, n_kv_head):
     """Prompts of different lengths decoding together, at most 4 rows (2 prompts) at once, give
     each prompt's generate_batch rows: greedily, and (with GQA) sampled with seed + prompt index.
     A prompt near the context stops there (generate_batch is asked for exactly what fits)."""
-    engine = model[2]
-    if n_kv_head != CFG.n_kv_head:
-        cfg = dataclasses.replace(CFG, n_kv_head=n_kv_head)
-        engine = Engine(model_lib.abstract_model(cfg)[0], random_params(cfg), cfg, StubTokenizer(), buckets=BUCKETS)
+    engine = random_engine(n_kv_head)
     prompts = PROMPTS + [list(range(1, 60))]
     cases = [dict(temperature=0.0)] + ([dict(temperature=1.0, top_k=8, seed=11)] if n_kv_head == 2 else [])
     for kwargs in cases:
@@ -217,7 +221,7 @@ def tokenizer():
     return train_tokenizer(["what is 1+3? it is 4.", "the quick brown fox jumps", "a b c d e f g"] * 20, 300)
 
 
-def bigram_engine(tokenizer, script: dict[int, list[int]], n_layer: int = 2, buckets=(8, 16)):
+def bigram_engine(tokenizer, script: dict[int, list[int]], n_layer: int = 2, buckets=(16,)):
     """An engine whose model follows `script`: token -> equally likely successors (+14.5 after the
     softcap, -14.5 for every other token). Tokens not in the script have arbitrary successors."""
     cfg = model_lib.GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=n_layer, dim=32, n_head=4, n_kv_head=2,
@@ -286,10 +290,13 @@ def test_generate_many_runs_the_tool_and_stops_each_row_on_its_own(tokenizer):
 
 # ---- the benchmark -------------------------------------------------------------------------------
 
-def test_bench_infer_reports_throughput_and_bytes(capsys):
+def test_bench_infer_reports_throughput_and_bytes(capsys, monkeypatch):
     """Decode at each capacity (256, 512) for 1 and 16 rows reads what the valid length needs,
     the same at both capacities: every weight (of the embedding, one row per token) plus the 64
-    slots of the bucket holding positions 8..9, for each row."""
+    slots of the bucket holding positions 8..9, for each row. Throughputs are read against a
+    clock that advances a quarter second per reading, so every timed call lasts 0.25 s."""
+    quarters = itertools.count()
+    monkeypatch.setattr(bench_infer, "time", types.SimpleNamespace(perf_counter=lambda: 0.25 * next(quarters)))
     result = bench_infer.main(["--config=tiny", "--config.model.depth=1", "--config.model.sequence_len=512",
                                "--prompt_len=8", "--steps=2", "--prefill_reps=1", "--warmup=0", "--samples=2",
                                "--new_tokens=3"])
@@ -299,11 +306,12 @@ def test_bench_infer_reports_throughput_and_bytes(capsys):
         vocab_size=vocab, n_layer=1, dim=dim, n_head=1, n_kv_head=1, sequence_len=512))
     slot_bytes = 2 * 1 * 1 * 64 * 4  # k and v, one layer, one KV head of 64, fp32
     assert [(d["rows"], d["capacity"]) for d in result["decode"]] == [(1, 256), (1, 512), (16, 256), (16, 512)]
-    for d in result["decode"]:
-        assert d["tokens_per_s"] == d["rows"] / d["step_s"] and d["floor_s"] is None  # no bandwidth for CPUs
-        assert d["kv_len"] == 64
+    for d in result["decode"]:  # a step of 1 or 16 rows in 0.25 s: 4 or 64 tokens/s
+        assert (d["step_s"], d["tokens_per_s"]) == (0.25, {1: 4.0, 16: 64.0}[d["rows"]])
+        assert d["floor_s"] is None and d["kv_len"] == 64  # no bandwidth for CPUs
         assert d["bytes"] == result["param_bytes"] - vocab * dim * 4 + d["rows"] * (dim * 4 + 64 * slot_bytes)
-    assert result["prefill_tokens_per_s"] > 0 and result["generate_tokens_per_s"] == 2 * 3 / result["generate_s"]
+    assert result["prefill_tokens_per_s"] == 32.0  # the 8-token prompt in 0.25 s
+    assert (result["generate_s"], result["generate_tokens_per_s"]) == (0.25, 24.0)  # 2 rows x 3 tokens
     gpu = lambda kind: types.SimpleNamespace(platform="gpu", device_kind=kind)
     assert hardware.memory_bandwidth(gpu("NVIDIA H100 80GB HBM3")) == 3.35e12
     assert hardware.memory_bandwidth(gpu("NVIDIA H100 PCIe")) == 2.0e12

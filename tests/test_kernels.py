@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -118,6 +119,40 @@ def test_backend_registry():
             attn_lib.resolve_backend("mosaic", jnp.bfloat16)
 
 
+KERNEL_LOADING = """
+import dataclasses, json, sys
+import jax, numpy as np
+from nanochat_jax import model as model_lib
+loaded = lambda: sorted(m for m in sys.modules if m.split(".")[0] == "kernels" or m.startswith("jax.experimental.pallas"))
+on_import = loaded()
+cfg = model_lib.GPTConfig(vocab_size=32, n_layer=1, dim=32, n_head=2, n_kv_head=1, sequence_len=16, attention="xla")
+params = model_lib.init_params(cfg, jax.random.key(0))
+params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape), params)
+idx = np.arange(12).reshape(1, 12) % 32
+xla = model_lib.forward(model_lib.abstract_model(cfg)[0], params, idx)
+after_xla = loaded()
+graphdef = model_lib.abstract_model(dataclasses.replace(cfg, attention="pallas"))[0]
+pallas = model_lib.forward(graphdef, params, idx)
+print(json.dumps({"on_import": on_import, "after_xla": after_xla, "after_pallas": loaded(),
+                  "max_diff": float(np.max(np.abs(np.asarray(pallas) - np.asarray(xla))))}))
+"""
+
+
+def test_kernels_load_only_when_a_kernel_backend_runs():
+    """In a fresh interpreter, importing the model and running it on xla loads neither kernels/ nor
+    Pallas' public API; a forward on pallas then loads the flash kernel and gives xla's logits."""
+    proc = subprocess.run([sys.executable, "-c", KERNEL_LOADING], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["on_import"] == result["after_xla"] == []
+    assert "kernels.flash_attention" in result["after_pallas"]
+    assert result["max_diff"] < 1e-4
+    # attention.py hard-codes the Mosaic GPU decode kernel's row limit so as not to import it
+    from kernels.decode_attention_mgpu import ROWS
+    assert attn_lib.DECODE_KERNEL_ROWS == ROWS
+
+
 def test_model_with_pallas_matches_xla():
     """One fp32 GPT layer (GQA, T = 24 so the 32-block has a ragged tail): the same loss and
     parameter gradients with attention="pallas" as with "xla"."""
@@ -156,7 +191,7 @@ def test_pallas_runs_per_shard_under_a_mesh(monkeypatch, kv_heads, local_q_heads
     def spy(q, k, v, **kw):
         seen.append((q.shape, k.shape))
         return flash_attention(q, k, v, **kw)
-    monkeypatch.setattr(attn_lib, "flash_attention", spy)
+    monkeypatch.setattr("kernels.flash_attention.flash_attention", spy)  # attention.py imports it when run
     with sharding.activation_rules(mesh, rules):
         got = output_and_grads(lambda q, k, v: attn_lib.attention(q, k, v, backend="pallas"), q, k, v, d_out)
     assert seen[0] == ((2, 24, local_q_heads, 64), (2, 24, local_kv_heads, 64))

@@ -3,6 +3,10 @@
 bpb = sum of nats over targets with token_bytes > 0 / (ln 2 * sum of their bytes). Special tokens
 (0 bytes) and ignored targets (< 0) count for neither, so the figure does not depend on the
 vocabulary and compares across tokenizers. Sums run over the global (sharded) batch.
+
+Under several processes each one reads its own share of the rows, and the shares may run out at
+different batches; every process stops at the first batch that some process lacks, so none waits
+in a step the others never enter, and the figure covers the batches all of them had.
 """
 import math
 
@@ -12,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from nanochat_jax import sharding
+from nanochat_jax.evals.processes import every_process
 
 
 def make_bpb_sums(graphdef, token_bytes: np.ndarray, mesh, rules):
@@ -29,9 +34,12 @@ def make_bpb_sums(graphdef, token_bytes: np.ndarray, mesh, rules):
 
 
 def bits_per_byte(sums_fn, params, batches) -> float:
-    """bpb over an iterable of placed (inputs, targets) batches."""
+    """bpb over an iterable of placed (inputs, targets) batches, up to the first one that some
+    process lacks (see the module docstring)."""
     nats, nbytes = 0.0, 0
-    for inputs, targets in batches:
+    batches = iter(batches)
+    while every_process((batch := next(batches, None)) is not None):
+        inputs, targets = batch
         batch_nats, batch_bytes = sums_fn(params, inputs, targets)
         nats += float(batch_nats)
         nbytes += int(batch_bytes)

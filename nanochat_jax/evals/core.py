@@ -19,10 +19,17 @@ and each (prefix, suffix) bucket has fixed example and row counts, split over th
 axes, so it compiles once. Attention is causal and a suffix overwrites its prefix's padding in the
 cache, so padding never reaches a span. Prompts are not cropped to the training context (rotary
 tables come from positions).
+
+Every forward pass is a collective over the mesh, and its shape and count come from a task's rows:
+under several processes, each host's bundle and tokenizer must give the same rows, or one process
+would enter passes that the others never do. Before any pass the processes therefore compare
+their prepared tasks: a task some process lacks is missing for all (CORE is then partial, as when
+a file is missing on one machine), and a task whose rows differ between processes is an error.
 """
 import collections
 import dataclasses
 import functools
+import hashlib
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nanochat_jax import model as model_lib, sharding
 from nanochat_jax.evals.bundle import Bundle, Task, resolve_bundle
+from nanochat_jax.evals.processes import gather_json
 
 CORE_TASKS = (  # nanochat's 22, in its report's order
     "hellaswag_zeroshot", "jeopardy", "bigbench_qa_wikidata", "arc_easy", "arc_challenge", "copa",
@@ -147,6 +155,32 @@ def prepare_task(task: Task, items: list[dict], tokenizer) -> PreparedTask:
         offset += count
     golds = [item.get("gold") for item in items]
     return PreparedTask(task, rows, np.array(spans, np.int32).reshape(-1, 2), first_row, golds)
+
+
+def task_digest(prepared: PreparedTask) -> str:
+    """A fingerprint of what a task scores: its settings, rows, spans and golds."""
+    digest = hashlib.sha256(repr(prepared.task).encode())
+    for part in ([len(row) for row in prepared.rows], [t for row in prepared.rows for t in row], prepared.spans,
+                 prepared.first_row, [-1 if g is None else g for g in prepared.golds]):
+        digest.update(np.asarray(part, np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def agree_across_processes(prepared: list[PreparedTask], missing: list[str]) -> tuple[list[PreparedTask], list[str]]:
+    """The tasks every process prepared, in process 0's order, and the tasks missing on any process
+    (see the module docstring); the same on every process."""
+    views = gather_json({"tasks": [[p.task.label, task_digest(p)] for p in prepared], "missing": missing})
+    if len(views) == 1:
+        return prepared, missing
+    held = [dict(view["tasks"]) for view in views]
+    for label in sorted(set.intersection(*(set(h) for h in held))):
+        if len({h[label] for h in held}) > 1:
+            raise ValueError(f"CORE task {label} differs between processes: every host needs the same eval "
+                             "bundle and tokenizer")
+    lacking = [label for h in held for label in h if any(label not in other for other in held)]
+    missing = list(dict.fromkeys([label for view in views for label in view["missing"]] + lacking))
+    by_label = {p.task.label: p for p in prepared}
+    return [by_label[label] for label, _ in views[0]["tasks"] if label not in missing], missing
 
 
 def example_outcomes(prepared: PreparedTask, mean_loss: np.ndarray, all_correct: np.ndarray) -> list[bool]:
@@ -360,7 +394,8 @@ class CoreEvaluator:
         self._prepared = None
 
     def prepare(self) -> tuple[list[PreparedTask], list[str]]:
-        """(the tasks present, prepared; the CORE tasks missing)."""
+        """(the tasks present, prepared; the CORE tasks missing). Every process must call it at the
+        same point: the processes agree here on the tasks to evaluate."""
         if self._prepared is None:
             prepared, missing = [], []
             for task in self.bundle.tasks:
@@ -371,7 +406,7 @@ class CoreEvaluator:
                     prepared.append(prepare_task(task, items, self.tokenizer))
             listed = {task.label for task in self.bundle.tasks}
             missing += [label for label in CORE_TASKS if label not in listed]
-            self._prepared = prepared, missing
+            self._prepared = agree_across_processes(prepared, missing)
         return self._prepared
 
     def row_scores(self, params, prepared: PreparedTask) -> tuple[np.ndarray, np.ndarray]:
