@@ -88,6 +88,7 @@ def base_config(depth: int) -> ConfigDict:
     c.mid.init_lr_frac = 1.0                # x the base learning rates; the schedule is base's
     c.mid.eval_every = 150                  # val bpb every this many steps, at step 0 and at the end
     c.mid.eval_tokens = 20 * 524288
+    c.mid.checkpoint_every = 200            # (nanochat saves only the last step; ~809 steps on d20)
 
     c.sft = ConfigDict()                    # SFT: one conversation per row, assistant tokens only
     c.sft.init_lr_frac = 0.02               # then linear to 0 over one epoch
@@ -98,6 +99,7 @@ def base_config(depth: int) -> ConfigDict:
     c.sft.eval_steps = 100                  # ... over this many micro-batches
     c.sft.mc_every = 200                    # MMLU and ARC-Easy accuracy every this many steps ...
     c.sft.mc_max_problems = 1024            # ... on at most this many problems each
+    c.sft.checkpoint_every = 200            # (nanochat saves only the last step; ~701 steps on d20)
 
     c.rl = ConfigDict()                     # RL: REINFORCE with a per-question mean baseline
     c.rl.init_lr_frac = 0.05                # then linear to 0

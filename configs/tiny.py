@@ -35,12 +35,14 @@ def get_config():
     c.chat.data_dir = "offline"
     c.mid.eval_every = 50                   # one epoch of the offline mixture is about 150 steps
     c.mid.eval_tokens = 16 * 4096
+    c.mid.checkpoint_every = 25
     c.sft.device_batch_size = 8
     c.sft.examples_per_step = 16            # 1,200 conversations: 75 steps
     c.sft.eval_every = 25
     c.sft.eval_steps = 8
     c.sft.mc_every = 25
     c.sft.mc_max_problems = 100
+    c.sft.checkpoint_every = 25
     c.rl.examples_per_step = 8              # 160 generated problems: 20 steps
     c.rl.num_samples = 8
     c.rl.device_batch_size = 16

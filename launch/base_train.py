@@ -29,23 +29,7 @@ from nanochat_jax.evals.core import training_evaluator
 from nanochat_jax.loading import run_tokenizer
 from nanochat_jax.optim import lr_multiplier
 from nanochat_jax.sampling import sample_texts
-from nanochat_jax.train import Hook, build_training, fit, resume_or_start
-
-
-class PlacedRows:
-    """The pretraining loader's rows for one step, placed on the mesh as the step takes them."""
-
-    def __init__(self, training, loader):
-        self.training, self.loader = training, loader
-
-    def __next__(self):
-        return self.training.place_rows(next(self.loader))
-
-    def get_state(self) -> dict:
-        return self.loader.get_state()
-
-    def set_state(self, state: dict) -> None:
-        self.loader.set_state(state)
+from nanochat_jax.train import Hook, PlacedRows, build_training, fit, resume_or_start
 
 
 def main(argv=None):

@@ -289,6 +289,27 @@ def resume_or_start(training: Training, checkpointer, batches, tok_hash: str, st
                     {"train_time_s": 0.0, **restored["meta"]}, resumed=True)
 
 
+class PlacedRows:
+    """A loader of this process's (local rows, seq + 1) token rows (pretraining's, midtraining's)
+    as the placed step batches `fit` takes, checkpointed with the loader's state."""
+
+    def __init__(self, training: Training, loader):
+        self.training, self.loader = training, loader
+
+    def __next__(self):
+        return self.training.place_rows(next(self.loader))
+
+    def get_state(self) -> dict:
+        return self.loader.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.loader.set_state(state)
+
+    def step_figures(self) -> dict:
+        """Passes over a chat mixture read so far (its packing buffer included), when the loader counts them."""
+        return {"epochs_read": self.loader.progress} if hasattr(self.loader, "progress") else {}
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 

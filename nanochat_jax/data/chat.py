@@ -114,7 +114,8 @@ class MidtrainLoader(_ChatLoader):
     """An iterator of int32 (rows, seq_len + 1) batches of packed conversations, every row full
     and starting with BOS; callers take inputs = batch[:, :-1], targets = batch[:, 1:].
 
-    The packing buffer is topped up to `buffer_docs` conversations before each placement. A
+    The packing buffer is topped up to `buffer_docs` conversations before each placement (at most
+    one pass of this process's conversations, so a small task is not buffered several times). A
     one-pass loader (`loop=False`, for val) raises StopIteration when the conversations run out
     (a partly filled last batch is dropped).
     """
@@ -126,7 +127,7 @@ class MidtrainLoader(_ChatLoader):
         stream = ConversationStream(task, tokenizer, seq_len + 1, process_index=process_index,
                                     process_count=process_count)
         super().__init__(stream, rows, loop)
-        self.row_len, self.buffer_docs = seq_len + 1, buffer_docs
+        self.row_len, self.buffer_docs = seq_len + 1, min(buffer_docs, stream.share_len)
         self._packer = BestFitPacker()
 
     def __next__(self) -> np.ndarray:
