@@ -11,7 +11,7 @@ Two recipes, chosen by `cfg.chat.data_dir`:
   and tasks the project generates, each standing in for a nanochat dataset: ChitChat for
   SmolTalk, OpenBookQA/CommonsenseQA/Social IQa with ARC train for MMLU's auxiliary_train,
   arithmetic word problems with calculator calls for GSM8K. Sized for the tiny config on 2 CPU
-  cores: midtraining 6,149 conversations, about 630K tokens with a 4,096-token tokenizer of the
+  cores: midtraining 3,300 conversations, about 340K tokens with a 4,096-token tokenizer of the
   demo corpus (val 451, about 75K); SFT 1,200 conversations; RL 160 problems, 128 to test.
   The shipped GSM8K test subset is for evaluation only and no mixture here uses it.
 
@@ -40,12 +40,14 @@ def mid_tasks(cfg) -> tuple[Task, Task]:
     """(train, val) for midtraining: every token of every conversation is trained on."""
     data_dir = configured_data_dir(cfg.chat.data_dir)
     if _offline(cfg):
-        identity = IdentityConversations(size=250)
-        train = [ChitChat("train", data_dir=data_dir),
-                 *(MultipleChoiceTrain(source, data_dir=data_dir) for source in MC_TRAIN_SOURCES),
-                 ARC("ARC-Easy", "train", data_dir=data_dir), ARC("ARC-Challenge", "train", data_dir=data_dir),
-                 ArithmeticWordProblems(size=900), identity, identity,
-                 SimpleSpelling(size=2000, data_dir=data_dir), SpellingBee(size=350, data_dir=data_dir)]
+        # about 340K tokens: one epoch is ~80 steps of tiny's 4,096 tokens
+        identity = IdentityConversations(size=150)
+        train = [ChitChat("train", data_dir=data_dir, stop=450),
+                 *(MultipleChoiceTrain(source, data_dir=data_dir, stop=150) for source in MC_TRAIN_SOURCES),
+                 ARC("ARC-Easy", "train", data_dir=data_dir, stop=200),
+                 ARC("ARC-Challenge", "train", data_dir=data_dir, stop=100),
+                 ArithmeticWordProblems(size=600), identity, identity,
+                 SimpleSpelling(size=1000, data_dir=data_dir), SpellingBee(size=200, data_dir=data_dir)]
         val = [ChitChat("val", data_dir=data_dir), MMLU("all", "test", data_dir=data_dir, stop=200),
                ArithmeticWordProblems(size=150, split="test")]
         return TaskMixture(train), TaskMixture(val)
