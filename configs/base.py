@@ -88,6 +88,7 @@ def base_config(depth: int) -> ConfigDict:
     c.mid.init_lr_frac = 1.0                # x the base learning rates; the schedule is base's
     c.mid.eval_every = 150                  # val bpb every this many steps, at step 0 and at the end
     c.mid.eval_tokens = 20 * 524288
+    c.mid.max_examples = -1                 # one epoch of the mixture's first N conversations (-1: all)
     c.mid.checkpoint_every = 200            # (nanochat saves only the last step; ~809 steps on d20)
 
     c.sft = ConfigDict()                    # SFT: one conversation per row, assistant tokens only
@@ -95,6 +96,7 @@ def base_config(depth: int) -> ConfigDict:
     c.sft.device_batch_size = 4             # conversations per device per micro-batch
     c.sft.examples_per_step = 32            # conversations per optimizer step
     c.sft.num_epochs = 1
+    c.sft.max_examples = -1                 # train on the mixture's first N conversations (-1: all)
     c.sft.eval_every = 100                  # val loss every this many steps (and at 0 and the end) ...
     c.sft.eval_steps = 100                  # ... over this many micro-batches
     c.sft.mc_every = 200                    # MMLU and ARC-Easy accuracy every this many steps ...
@@ -110,6 +112,7 @@ def base_config(depth: int) -> ConfigDict:
     c.rl.temperature = 1.0
     c.rl.top_k = 50
     c.rl.num_epochs = 1
+    c.rl.max_examples = -1                  # train on the first N problems (-1: all)
     c.rl.eval_every = 60                    # pass@k on the test split every this many steps (and at the end) ...
     c.rl.eval_examples = 400                # ... on this many problems ...
     c.rl.eval_samples = 8                   # ... with this many samples each

@@ -1,7 +1,7 @@
 """RL on a verifiable task: nanochat's chat_rl (REINFORCE with a per-question mean baseline).
 
     python -m launch.chat_rl --config=tiny                        # the latest sft checkpoint
-    python -m launch.chat_rl --config=d20 --task=GSM8K --source=sft
+    python -m launch.chat_rl --config=d20 --source=sft             # GSM8K train, 8 GPUs of one host
 
 Starts from the `--source` checkpoint's weights (sft by default) with a fresh optimizer: cfg.train's
 learning rates x rl.init_lr_frac, decaying linearly to 0 over rl.num_epochs x training problems //
@@ -22,11 +22,11 @@ from launch import run
 from nanochat_jax import report, rl, sharding
 from nanochat_jax.checkpoint import STAGES, Checkpointer, checkpoint_dir, tokenizer_hash
 from nanochat_jax.config import config_from_args
-from nanochat_jax.loading import open_source
+from nanochat_jax.loading import open_stage_source
 from nanochat_jax.optim import lr_multiplier
 from nanochat_jax.tasks import TaskDataError
 from nanochat_jax.tasks.mixtures import rl_tasks
-from nanochat_jax.train import Hook, build_training, fit, resume_or_start
+from nanochat_jax.train import Hook, build_training, fit, require_same_horizon, resume_or_start
 
 
 def add_arguments(parser):
@@ -36,8 +36,6 @@ def add_arguments(parser):
     parser.add_argument("--task", default=None,
                         help="module:Class of a task with train and test splits and a reward (default: the "
                              "config's, GSM8K or offline arithmetic)")
-    parser.add_argument("--max-examples", type=int, default=None,
-                        help="train on the first N problems only (a shorter run)")
     parser.add_argument("--max-rows", type=int, default=256, help="most answers decoding at once (default: 256)")
 
 
@@ -47,17 +45,19 @@ def main(argv=None):
     if jax.process_count() > 1:
         raise SystemExit("error: chat_rl runs in one process (its rollouts are not split over hosts); "
                          "use the devices of one host")
-    if args.max_rows < 1 or (args.max_examples is not None and args.max_examples < 1):
-        raise SystemExit("error: --max-rows and --max-examples must be at least 1")
+    if args.max_rows < 1 or cfg.rl.max_examples == 0 or cfg.rl.max_examples < -1:
+        raise SystemExit("error: --max-rows must be at least 1, rl.max_examples -1 (all) or at least 1")
+    checkpointer = Checkpointer(checkpoint_dir("rl", cfg.name), keep=cfg.train.checkpoint_keep,
+                                every=cfg.rl.save_every)
     try:
         rl.check_settings(cfg.rl)
         if args.task is None:
             train_task, test_task = rl_tasks(cfg)
         else:
             train_task, test_task = (rl.load_task(args.task, split) for split in ("train", "test"))
-        num_examples = len(train_task) if args.max_examples is None else min(args.max_examples, len(train_task))
+        num_examples = len(train_task) if cfg.rl.max_examples < 0 else min(cfg.rl.max_examples, len(train_task))
         steps = rl.num_steps(cfg.rl, num_examples)
-        source = open_source(cfg, args.source, tag=args.tag)
+        source, resuming = open_stage_source(cfg, "rl", checkpointer, source=args.source, tag=args.tag)
     except (TaskDataError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     cfg, tok, r = rl.training_config(source.config), source.tokenizer, cfg.rl
@@ -66,13 +66,14 @@ def main(argv=None):
     print(f"RL on {task_name} from {source.directory} (step {source.step}): {steps} steps x {r.examples_per_step} "
           f"problems x {r.num_samples} samples, {jax.device_count()} devices", flush=True)
 
-    checkpointer = Checkpointer(checkpoint_dir("rl", cfg.name), keep=cfg.train.checkpoint_keep, every=r.save_every)
-    source.carry_tokenizer(checkpointer.directory)
+    if not resuming:
+        source.carry_tokenizer(checkpointer.directory)
     batches = rl.RolloutBatches(training, tok, train_task, r, seed=cfg.seed, num_examples=num_examples,
                                 max_rows=args.max_rows)
     tok_hash = tokenizer_hash(tok)
     state = resume_or_start(training, checkpointer, batches, tok_hash,
                             lambda: training.start_from(source.load_params(training.abstract_state()[0])))
+    require_same_horizon(state, steps, checkpointer.directory, "rl.max_examples, rl.examples_per_step, rl.num_epochs")
 
     def evaluate(params, _step):
         return rl.pass_at_k(batches.engine_for(params), test_task, num_problems=r.eval_examples,

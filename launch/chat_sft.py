@@ -33,12 +33,12 @@ from nanochat_jax.config import config_from_args
 from nanochat_jax.data.chat import sft_loader
 from nanochat_jax.evals.chat import ChatEvalError, LetterScorer, evaluate_categorical, letter_token_ids
 from nanochat_jax.evals.processes import every_process, gather_json
-from nanochat_jax.loading import open_source
+from nanochat_jax.loading import open_stage_source
 from nanochat_jax.optim import lr_multiplier
 from nanochat_jax.tasks import TaskDataError
 from nanochat_jax.tasks.base import LETTERS
 from nanochat_jax.tasks.mixtures import mc_eval_tasks, sft_tasks
-from nanochat_jax.train import Hook, build_training, fit, resume_or_start
+from nanochat_jax.train import Hook, build_training, fit, require_same_horizon, resume_or_start
 
 WIDTHS = 4  # padded widths per context: rows are padded to the next multiple of sequence_len / WIDTHS
 
@@ -48,8 +48,6 @@ def add_arguments(parser):
                         help="the checkpoint to start from (default: mid)")
     parser.add_argument("--tag", default=None, help="its run tag (default: the most recent of the stage)")
     parser.add_argument("--step", type=int, default=None, help="its step (default: the latest)")
-    parser.add_argument("--max-examples", type=int, default=None,
-                        help="train on the mixture's first N conversations only (a shorter run)")
 
 
 def sft_config(cfg):
@@ -137,22 +135,20 @@ def mean_loss(sums_fn, params, micro_batches, place, pad_id: int) -> float:
 def main(argv=None):
     cfg, args = config_from_args(argv, description=__doc__, add_arguments=add_arguments)
     sharding.initialize_distributed()
-    if args.max_examples is not None and args.max_examples < 1:
-        raise SystemExit("error: --max-examples must be at least 1")
+    if cfg.sft.max_examples == 0 or cfg.sft.max_examples < -1:
+        raise SystemExit("error: sft.max_examples must be -1 (all) or at least 1")
     checkpointer = Checkpointer(checkpoint_dir("sft", cfg.name), keep=cfg.train.checkpoint_keep,
                                 every=cfg.sft.checkpoint_every)
-    resuming = checkpointer.latest_step() is not None  # then the model and tokenizer come from this run
     mesh = sharding.make_mesh(cfg.mesh)
     try:
         check_batch(cfg.sft, sharding.batch_shards(mesh, sharding.parse_rules(cfg.mesh.rules)))
-        source = (open_source(cfg, "sft", tag=cfg.name) if resuming
-                  else open_source(cfg, args.source, tag=args.tag, step=args.step))
+        source, resuming = open_stage_source(cfg, "sft", checkpointer, source=args.source, tag=args.tag, step=args.step)
         train_task, val_task = sft_tasks(cfg)
         mc_tasks = mc_eval_tasks(cfg) if cfg.sft.mc_max_problems else {}
     except (TaskDataError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
-    if args.max_examples is not None:
-        train_task.stop = min(args.max_examples, len(train_task))
+    if cfg.sft.max_examples > 0:
+        train_task.stop = min(cfg.sft.max_examples, len(train_task))
     cfg, tok = sft_config(source.config), source.tokenizer
     s = cfg.sft
     if mc_tasks:
@@ -179,10 +175,7 @@ def main(argv=None):
     tok_hash = tokenizer_hash(tok)
     state = resume_or_start(training, checkpointer, batches, tok_hash,
                             lambda: training.start_from(source.load_params(training.abstract_state()[0])))
-    if state.meta.get("num_iterations", steps) != steps:
-        raise SystemExit(f"error: the run in {checkpointer.directory} was started for {state.meta['num_iterations']} steps "
-                         f"and this command asks for {steps}: resume it with the same settings (--max-examples, sft.*), "
-                         f"or move that directory away to start over")
+    require_same_horizon(state, steps, checkpointer.directory, "sft.*")
     state.meta.setdefault("source", f"{source.directory} step {source.step}")
 
     sums_fn = make_loss_sums(training.graphdef, training.mesh, training.rules)

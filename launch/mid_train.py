@@ -30,11 +30,11 @@ from nanochat_jax.config import config_from_args
 from nanochat_jax.conversation import render_conversation
 from nanochat_jax.data.chat import midtrain_loader
 from nanochat_jax.evals.bpb import bits_per_byte, make_bpb_sums
-from nanochat_jax.loading import open_source
+from nanochat_jax.loading import open_stage_source
 from nanochat_jax.optim import lr_multiplier
 from nanochat_jax.tasks import TaskDataError
 from nanochat_jax.tasks.mixtures import mid_tasks
-from nanochat_jax.train import Hook, PlacedRows, build_training, fit, resume_or_start
+from nanochat_jax.train import Hook, PlacedRows, build_training, fit, require_same_horizon, resume_or_start
 
 EXACT_COUNT_LIMIT = 20_000  # conversations rendered one by one to count a mixture's tokens (tiny: 6,149)
 SAMPLE_SIZE = 2_000         # ... above that, an evenly spaced sample of this many (d20's is ~850K)
@@ -45,8 +45,6 @@ def add_arguments(parser):
                         help="the checkpoint to start from (default: base)")
     parser.add_argument("--tag", default=None, help="its run tag (default: the most recent of the stage)")
     parser.add_argument("--step", type=int, default=None, help="its step (default: the latest)")
-    parser.add_argument("--max-examples", type=int, default=None,
-                        help="one epoch of the mixture's first N conversations only (a shorter run)")
 
 
 def mid_config(cfg):
@@ -76,19 +74,17 @@ def epoch_tokens(task, tokenizer, row_len: int) -> tuple[int, str]:
 def main(argv=None):
     cfg, args = config_from_args(argv, description=__doc__, add_arguments=add_arguments)
     sharding.initialize_distributed()
-    if args.max_examples is not None and args.max_examples < 1:
-        raise SystemExit("error: --max-examples must be at least 1")
+    if cfg.mid.max_examples == 0 or cfg.mid.max_examples < -1:
+        raise SystemExit("error: mid.max_examples must be -1 (all) or at least 1")
     checkpointer = Checkpointer(checkpoint_dir("mid", cfg.name), keep=cfg.train.checkpoint_keep,
                                 every=cfg.mid.checkpoint_every)
-    resuming = checkpointer.latest_step() is not None  # then the model and tokenizer come from this run
     try:
-        source = (open_source(cfg, "mid", tag=cfg.name) if resuming
-                  else open_source(cfg, args.source, tag=args.tag, step=args.step))
+        source, resuming = open_stage_source(cfg, "mid", checkpointer, source=args.source, tag=args.tag, step=args.step)
         train_task, val_task = mid_tasks(cfg)
     except (TaskDataError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
-    if args.max_examples is not None:
-        train_task.stop = min(args.max_examples, len(train_task))
+    if cfg.mid.max_examples > 0:
+        train_task.stop = min(cfg.mid.max_examples, len(train_task))
     cfg, tok = mid_config(source.config), source.tokenizer
     seq = cfg.model.sequence_len
     if cfg.train.total_batch_size % seq:
@@ -113,10 +109,7 @@ def main(argv=None):
     tok_hash = tokenizer_hash(tok)
     state = resume_or_start(training, checkpointer, batches, tok_hash,
                             lambda: training.start_from(source.load_params(training.abstract_state()[0])))
-    if state.meta.get("num_iterations", steps) != steps:
-        raise SystemExit(f"error: the run in {checkpointer.directory} was started for {state.meta['num_iterations']} steps "
-                         f"and this command asks for {steps}: resume it with the same settings (--max-examples, train.total_batch_size), "
-                         f"or move that directory away to start over")
+    require_same_horizon(state, steps, checkpointer.directory, "mid.max_examples, train.total_batch_size")
     state.meta.setdefault("source", f"{source.directory} step {source.step}")
 
     sums_fn = make_bpb_sums(training.graphdef, tok.token_bytes(), training.mesh, training.rules)

@@ -131,6 +131,16 @@ class Source:
             shutil.copytree(own, Path(run_directory) / "tokenizer", dirs_exist_ok=True)
 
 
+def open_stage_source(cfg: ConfigDict, stage: str, checkpointer, *, source: str, tag: str | None = None,
+                      step: int | None = None) -> tuple[Source, bool]:
+    """(the checkpoint a training stage continues from, whether it is resuming): its own latest
+    checkpoint when `checkpointer` has one (the model and tokenizer as the run saved them, the
+    source never read again), else the `source` stage's."""
+    if checkpointer.latest_step() is not None:
+        return open_source(cfg, stage, tag=checkpointer.directory.name), True
+    return open_source(cfg, source, tag=tag, step=step), False
+
+
 def open_source(cfg: ConfigDict, stage: str, *, tag: str | None = None, step: int | None = None) -> Source:
     """The checkpoint of `stage` (latest run and step unless given): `cfg` keeps its data,
     training and runtime settings, but the model is the one in the checkpoint (an imported

@@ -310,6 +310,15 @@ class PlacedRows:
         return {"epochs_read": self.loader.progress} if hasattr(self.loader, "progress") else {}
 
 
+def require_same_horizon(state: RunState, steps: int, directory, settings: str) -> None:
+    """A resumed run keeps the number of steps it started with: its schedule was built for it."""
+    started = state.meta.get("num_iterations", steps)
+    if started != steps:
+        raise SystemExit(f"error: the run in {directory} was started for {started} steps and this command asks "
+                         f"for {steps}: resume it with the same settings ({settings}), or move that directory "
+                         f"away to start over")
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 

@@ -31,10 +31,10 @@ OVERRIDES = ["--config=tiny", "--config.tokenizer.vocab_size=512", "--config.mod
              f"--config.model.sequence_len={SEQ}", "--config.train.device_batch_size=4",
              "--config.train.total_batch_size=256", "--config.train.checkpoint_every=3",
              "--config.chat.data_dir=offline"]
-MID = ["--config.mid.checkpoint_every=3", "--config.mid.eval_every=0", "--config.mid.eval_tokens=512", "--max-examples=100"]
+MID = ["--config.mid.checkpoint_every=3", "--config.mid.eval_every=0", "--config.mid.eval_tokens=512", "--config.mid.max_examples=100"]
 SFT = ["--config.sft.device_batch_size=2", "--config.sft.examples_per_step=4", "--config.sft.eval_every=0",
        "--config.sft.eval_steps=2", "--config.sft.mc_every=0", "--config.sft.mc_max_problems=4",
-       "--config.sft.checkpoint_every=3", "--max-examples=48"]
+       "--config.sft.checkpoint_every=3", "--config.sft.max_examples=48"]
 
 
 # ---- what a step trains on (in-process, one device) ---------------------------------------------
@@ -225,6 +225,6 @@ def test_sft_from_mid_resumes_exactly_after_kill(mid_runs):
     supervised = [row["supervised_tokens"] for row in step_rows(reference, "sft").values()]
     assert 0 < min(supervised) and max(supervised) < 4 * SEQ  # user text and padding are never targets
 
-    other_horizon = launch(resumed, "launch.chat_sft", *SFT[:-1], "--max-examples=40")
+    other_horizon = launch(resumed, "launch.chat_sft", *SFT[:-1], "--config.sft.max_examples=40")
     out = other_horizon.communicate(timeout=600)[0]
     assert other_horizon.returncode == 1 and "was started for 12 steps and this command asks for 10" in out

@@ -259,7 +259,7 @@ OVERRIDES = ["--config=tiny", "--config.tokenizer.vocab_size=512", "--config.mod
              "--config.train.total_batch_size=256", "--config.rl.examples_per_step=2", "--config.rl.num_samples=4",
              "--config.rl.device_batch_size=2", "--config.rl.max_new_tokens=8", "--config.rl.eval_every=0",
              "--config.rl.eval_examples=2", "--config.rl.eval_samples=2", "--config.rl.save_every=2",
-             "--task=test_rl:LetterE", "--max-examples=16"]
+             "--task=test_rl:LetterE", "--config.rl.max_examples=16"]
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """The speedrun spine: every stage runs in order from one command, a re-run skips finished
-stages, and report.md collects each stage's figures."""
+stages, and report.md collects each stage's figures and the final table."""
 import json
 import os
 import subprocess
@@ -12,7 +12,12 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 ARGS = ["--config=tiny", "--config.tokenizer.vocab_size=512", "--config.tokenizer.max_chars=2000000",
         "--config.model.depth=2", "--config.model.sequence_len=64", "--config.train.device_batch_size=4",
         "--config.train.total_batch_size=256", "--config.train.num_iterations=6",
-        "--config.train.eval_tokens=512", "--config.train.sample_every=0", "--config.eval.core_max_per_task=8"]
+        "--config.train.eval_tokens=512", "--config.train.sample_every=0", "--config.eval.core_max_per_task=8",
+        "--config.mid.max_examples=40", "--config.mid.eval_tokens=512", "--config.sft.device_batch_size=2",
+        "--config.sft.examples_per_step=4", "--config.sft.max_examples=16", "--config.sft.eval_steps=2",
+        "--config.sft.mc_max_problems=4", "--config.eval.chat_max_problems=2"]
+STAGES = ("tok_train", "tok_eval", "base_train", "base_loss", "base_eval", "mid_train", "chat_eval_mid", "chat_sft",
+          "chat_eval_sft")
 
 
 def small_bundle(path: Path) -> Path:
@@ -51,21 +56,47 @@ def test_speedrun_runs_every_stage_then_skips_them(tmp_path):
     base, cwd = tmp_path / "base", tmp_path / "work"
     cwd.mkdir()
     out, summary = speedrun(base, cwd)
-    for stage in ("tok_train", "tok_eval", "base_train", "base_loss", "base_eval"):
-        assert f"=== {stage}: " in out and (base / "speedrun" / "tiny" / f"{stage}.json").exists()
+    for stage in STAGES:
+        assert (base / "speedrun" / "tiny" / f"{stage}.json").exists(), stage
+    assert sorted(summary["stage_wall_time_s"]) == sorted(STAGES)
     assert summary["val_bpb"] > 0 and summary["train_bpb"] > 0
     report = (cwd / "report.md").read_text()
     for section in ("## Tokenizer training", "## Tokenizer evaluation", "## Base model training",
-                    "## Base model loss", "## Base model evaluation", "Total wall clock time"):
+                    "## Base model loss", "## Base model evaluation", "## Midtraining", "## Chat evaluation mid",
+                    "## Chat SFT", "## Chat evaluation sft", "## Speedrun", "Total wall clock time"):
         assert section in report
     assert -1 <= summary["core"] <= 1
     core_row = next(line for line in report.splitlines() if line.startswith("| CORE |"))
     assert core_row.split("|")[2].strip() == f"{summary['core']:.4f}"  # the final table's BASE cell
-    assert "![base training curves](base-curves.png)" in report and (cwd / "base-curves.png").exists()
+    arc_row = next(line for line in report.splitlines() if line.startswith("| ARC-Easy |")).split("|")
+    mid_cell, sft_cell = arc_row[3].strip(), arc_row[4].strip()  # columns BASE, MID, SFT, RL
+    assert 0 <= float(mid_cell) <= 1 and 0 <= float(sft_cell) <= 1 and arc_row[5].strip() == ""
+    for stage in ("base", "mid", "sft"):
+        assert f"![{stage} training curves]({stage}-curves.png)" in report and (cwd / f"{stage}-curves.png").exists()
     marker = base / "speedrun" / "tiny" / "base_loss.json"
     marker.write_text(json.dumps({"val_bpb": -1.0, "train_bpb": -1.0}))  # a rerun must read the markers back
     out, again = speedrun(base, cwd)
-    assert out.count("done before, skipping") == 5 and again["val_bpb"] == -1.0
+    assert out.count("done before, skipping") == len(STAGES) and again["val_bpb"] == -1.0
+
+
+def test_speedrun_with_rl_adds_rl_and_its_evaluation(tmp_path, monkeypatch):
+    """--rl appends RL and the RL model's chat evaluation, and the summary's ChatCORE is that last
+    evaluation's (stages are recorded here, not run)."""
+    from launch import speedrun
+    calls = []
+
+    def fake_stage(module, args):
+        calls.append((module, [a for a in args if not a.startswith("--config")]))
+        return {"chatcore": 0.5 if "--source=rl" in args else 0.1, "val_bpb": 1.0, "train_bpb": 1.0, "core": 0.0}
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(speedrun, "run_stage", fake_stage)
+    summary = speedrun.main(["--config=tiny", "--rl"])
+    assert calls[-4:] == [("chat_sft", []), ("chat_eval", ["--source=sft"]), ("chat_rl", []),
+                          ("chat_eval", ["--source=rl"])]
+    assert [m for m, _ in calls[:6]] == ["tok_train", "tok_eval", "base_train", "base_loss", "base_eval", "mid_train"]
+    assert summary["chatcore"] == 0.5
 
 
 def test_speedrun_rejects_bad_overrides_before_starting(tmp_path):
