@@ -34,7 +34,11 @@ def main(argv=None):
     sharding.initialize_distributed()
     source = open_source(cfg, args.source, tag=args.tag, step=args.step)
     cfg, tok = source.config, source.tokenizer
-    training = build_training(cfg, num_iterations=1)
+    mesh = sharding.make_mesh(cfg.mesh)
+    row_tokens = cfg.model.sequence_len * sharding.batch_shards(mesh, sharding.parse_rules(cfg.mesh.rules))
+    if cfg.train.total_batch_size % row_tokens:  # a model of another context than the config trains (an import)
+        cfg.train.total_batch_size = cfg.train.device_batch_size * row_tokens  # scoring only needs micro-batches
+    training = build_training(cfg, mesh=mesh, num_iterations=1)
     params = source.load_params(training.abstract_state()[0])
     print(f"loaded step {source.step} from {source.directory}", flush=True)
     sums_fn = make_bpb_sums(training.graphdef, tok.token_bytes(), training.mesh, training.rules)

@@ -318,3 +318,22 @@ def test_hf_export_loads_in_transformers_with_the_same_logits_and_tokens(tmp_pat
                                  {"role": "assistant", "content": "6"}]}
     rendered = hf_tok.apply_chat_template(conversation["messages"][:-1], add_generation_prompt=True, tokenize=True)
     assert list(rendered["input_ids"]) == render_for_completion(tok, conversation)
+
+
+def test_imported_model_is_scored_by_base_loss_with_its_own_tokenizer(base_dir, capsys, tmp_path):
+    """base_loss --source/--tag takes the checkpoint's model (a d2 at context 2,048 under
+    --config=tiny) and its tiktoken tokenizer, through the pretraining pipeline; a stage trained
+    from it carries that tokenizer beside its own checkpoints."""
+    from launch import base_loss
+    from nanochat_jax.config import load_config
+    from nanochat_jax.loading import open_source
+    nanochat.import_checkpoint(FIXTURE, "base")
+    result = base_loss.main(["--config=tiny", "--tag=d2", "--config.train.device_batch_size=1",
+                             "--config.train.eval_tokens=1"])
+    assert result["step"] == 150 and 0 < result["val_bpb"] < 8 and 0 < result["train_bpb"] < 8
+    assert "loaded step 150" in capsys.readouterr().out
+    source = open_source(load_config("tiny"), "base", tag="d2")
+    assert source.config.model.sequence_len == 2048 and source.config.model.depth == 2
+    source.carry_tokenizer(tmp_path / "run")
+    carried = load_tokenizer(tmp_path / "run" / "tokenizer")
+    assert isinstance(carried, TiktokenTokenizer) and carried.encode("Hello world") == source.tokenizer.encode("Hello world")
