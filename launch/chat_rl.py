@@ -75,10 +75,11 @@ def main(argv=None):
                             lambda: training.start_from(source.load_params(training.abstract_state()[0])))
     require_same_horizon(state, steps, checkpointer.directory, "rl.max_examples, rl.examples_per_step, rl.num_epochs")
 
-    def evaluate(params, _step):
-        return rl.pass_at_k(batches.engine_for(params), test_task, num_problems=r.eval_examples,
-                            num_samples=r.eval_samples, max_tokens=r.max_new_tokens, temperature=r.temperature,
-                            top_k=r.top_k or None, max_rows=args.max_rows)
+    def evaluate(params, step):
+        figures = rl.pass_at_k(batches.engine_for(params), test_task, num_problems=r.eval_examples,
+                               num_samples=r.eval_samples, max_tokens=r.max_new_tokens, temperature=r.temperature,
+                               top_k=r.top_k or None, max_rows=args.max_rows)
+        return figures | ({f"start_{k}": v for k, v in figures.items()} if step == 0 else {})
 
     lrm = lambda step: lr_multiplier(step, steps, 0.0, 1.0, 0.0)
     state = fit(training, state, batches, checkpointer, config=cfg, tok_hash=tok_hash,
@@ -86,9 +87,15 @@ def main(argv=None):
     checkpointer.close()
 
     meta = state.meta
+    rewards = [m["mean_reward"] for m in report.read_metrics(checkpointer.directory / "metrics.jsonl")
+               if "mean_reward" in m]
+    quarter = max(1, len(rewards) // 4)
     result = {"task": task_name, "source": args.source, "step": state.step, "num_steps": steps,
-              **{k: v for k, v in meta.items() if k.startswith("pass@")},
+              **{k: v for k, v in meta.items() if k.startswith(("pass@", "start_pass@"))},
               "mean_reward": batches.last.mean_reward if batches.last else None,
+              # does the reward rise? the mean over the first and the last quarter of the steps
+              "mean_reward_first_quarter": sum(rewards[:quarter]) / quarter if rewards else None,
+              "mean_reward_last_quarter": sum(rewards[-quarter:]) / quarter if rewards else None,
               "rollout_tokens_per_s": batches.tokens_per_s, "train_time_s": meta.get("train_time_s"),
               "checkpoint": str(checkpointer.directory)}
     report.log("Chat RL", {k: v for k, v in result.items() if v is not None and k != "checkpoint"},

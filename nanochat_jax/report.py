@@ -165,7 +165,7 @@ def final_table() -> str:
     return "\n".join(lines)
 
 
-def _read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path) -> list[dict]:
     """A run's metrics.jsonl; after a resume a step may appear twice, and the later line wins."""
     by_step = {}
     for line in path.read_text().splitlines():
@@ -210,7 +210,7 @@ def training_curves(tag: str | None = None) -> str:
     links = []
     for stage in STAGES:
         path = _metrics_file(stage, tag)
-        records = _read_metrics(path) if path else []
+        records = read_metrics(path) if path else []
         if not records:
             continue
         name = f"{stage}-curves.png"

@@ -313,6 +313,10 @@ def test_launcher_resumes_after_kill_to_the_uninterrupted_params(sft_dir, tmp_pa
     assert reference["rollout_tokens_per_s"] > 0
     metrics = [json.loads(line) for line in (reference_dir / "checkpoints/rl/tiny/metrics.jsonl").read_text().splitlines()]
     assert any(0 < m["mean_reward"] < 1 for m in metrics)  # advantages were not all zero
+    rewards = [m["mean_reward"] for m in metrics]
+    assert reference["mean_reward_first_quarter"] == pytest.approx(sum(rewards[:2]) / 2)
+    assert reference["mean_reward_last_quarter"] == pytest.approx(sum(rewards[-2:]) / 2)
+    assert 0 <= reference["start_pass@1"] <= 1
 
     proc = launch(sft_dir)
     first_checkpoint = sft_dir / "checkpoints" / "rl" / "tiny" / "2"
