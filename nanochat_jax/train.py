@@ -359,7 +359,7 @@ def fit(training: Training, state: RunState, batches, checkpointer, *, config, t
 
     if step >= num_iterations:
         print(f"already trained to step {step} of {num_iterations}", flush=True)
-    else:
+    elif fresh_start:  # a resumed run evaluated its step before saving it
         run_hooks(last=False)
     stop = StopRequest()
     smooth, timed_steps, timed_s, timed_tokens = 0.0, 0, 0.0, 0
