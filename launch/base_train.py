@@ -27,7 +27,6 @@ from nanochat_jax.data.pretrain import pretrain_loader
 from nanochat_jax.evals.bpb import bits_per_byte, make_bpb_sums
 from nanochat_jax.evals.core import training_evaluator
 from nanochat_jax.loading import run_tokenizer
-from nanochat_jax.optim import lr_multiplier
 from nanochat_jax.sampling import sample_texts
 from nanochat_jax.train import Hook, PlacedRows, build_training, fit, resume_or_start
 
@@ -70,10 +69,8 @@ def main(argv=None):
              Hook("samples", cfg.train.sample_every, samples)]
     if core_eval is not None:
         hooks.append(Hook("core", cfg.train.core_every, lambda params, _: {"core": core_eval(params).core}))
-    lrm = lambda step: lr_multiplier(step, num_iterations, cfg.train.warmup_ratio, cfg.train.warmdown_ratio,
-                                     cfg.train.final_lr_frac)
     state = fit(training, state, batches, checkpointer, config=cfg, tok_hash=tok_hash, hooks=tuple(hooks),
-                lr_multiplier=lrm, wandb_run=start_wandb(cfg))
+                wandb_run=start_wandb(cfg))
     checkpointer.close()
 
     meta, tokens_per_s = state.meta, state.meta.get("tokens_per_s")

@@ -23,7 +23,6 @@ from nanochat_jax import report, rl, sharding
 from nanochat_jax.checkpoint import STAGES, Checkpointer, checkpoint_dir, tokenizer_hash
 from nanochat_jax.config import config_from_args
 from nanochat_jax.loading import open_stage_source
-from nanochat_jax.optim import lr_multiplier
 from nanochat_jax.tasks import TaskDataError
 from nanochat_jax.tasks.mixtures import rl_tasks
 from nanochat_jax.train import Hook, build_training, fit, require_same_horizon, resume_or_start
@@ -81,9 +80,8 @@ def main(argv=None):
                                top_k=r.top_k or None, max_rows=args.max_rows)
         return figures | ({f"start_{k}": v for k, v in figures.items()} if step == 0 else {})
 
-    lrm = lambda step: lr_multiplier(step, steps, 0.0, 1.0, 0.0)
     state = fit(training, state, batches, checkpointer, config=cfg, tok_hash=tok_hash,
-                hooks=(Hook("pass@k", r.eval_every, evaluate, at_start=True),), lr_multiplier=lrm)
+                hooks=(Hook("pass@k", r.eval_every, evaluate, at_start=True),))
     checkpointer.close()
 
     meta = state.meta

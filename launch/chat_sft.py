@@ -34,7 +34,6 @@ from nanochat_jax.data.chat import sft_loader
 from nanochat_jax.evals.chat import ChatEvalError, LetterScorer, evaluate_categorical, letter_token_ids
 from nanochat_jax.evals.processes import every_process, gather_json
 from nanochat_jax.loading import open_stage_source
-from nanochat_jax.optim import lr_multiplier
 from nanochat_jax.tasks import TaskDataError
 from nanochat_jax.tasks.base import LETTERS
 from nanochat_jax.tasks.mixtures import mc_eval_tasks, sft_tasks
@@ -203,10 +202,7 @@ def main(argv=None):
         hooks.append(Hook("val_loss", s.eval_every, val_loss, at_start=True))
     if mc_tasks:
         hooks.append(Hook("mc", s.mc_every, mc_accuracy))
-    t = cfg.train
-    lrm = lambda step: lr_multiplier(step, steps, t.warmup_ratio, t.warmdown_ratio, t.final_lr_frac)
-    state = fit(training, state, batches, checkpointer, config=cfg, tok_hash=tok_hash, hooks=tuple(hooks),
-                lr_multiplier=lrm)
+    state = fit(training, state, batches, checkpointer, config=cfg, tok_hash=tok_hash, hooks=tuple(hooks))
     loader.close()
     checkpointer.close()
 

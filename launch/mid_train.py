@@ -31,7 +31,6 @@ from nanochat_jax.conversation import render_conversation
 from nanochat_jax.data.chat import midtrain_loader
 from nanochat_jax.evals.bpb import bits_per_byte, make_bpb_sums
 from nanochat_jax.loading import open_stage_source
-from nanochat_jax.optim import lr_multiplier
 from nanochat_jax.tasks import TaskDataError
 from nanochat_jax.tasks.mixtures import mid_tasks
 from nanochat_jax.train import Hook, PlacedRows, build_training, fit, require_same_horizon, resume_or_start
@@ -119,10 +118,8 @@ def main(argv=None):
             bpb = bits_per_byte(sums_fn, params, training.micro_batches(val_rows, training.eval_batches(cfg.mid.eval_tokens)))
         return {"val_bpb": bpb, "min_val_bpb": min(bpb, state.meta.get("min_val_bpb", math.inf))}
 
-    t = cfg.train
-    lrm = lambda step: lr_multiplier(step, steps, t.warmup_ratio, t.warmdown_ratio, t.final_lr_frac)
     state = fit(training, state, batches, checkpointer, config=cfg, tok_hash=tok_hash,
-                hooks=(Hook("val_bpb", cfg.mid.eval_every, val_bpb, at_start=True),), lr_multiplier=lrm)
+                hooks=(Hook("val_bpb", cfg.mid.eval_every, val_bpb, at_start=True),))
     loader.close()
     checkpointer.close()
 

@@ -324,7 +324,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 def fit(training: Training, state: RunState, batches, checkpointer, *, config, tok_hash: str,
-        hooks: tuple[Hook, ...] = (), lr_multiplier: Callable[[int], float] | None = None,
+        hooks: tuple[Hook, ...] = (),
         log_every_step: bool = True, wandb_run=None) -> RunState:
     """Train from `state` to `training.num_iterations`: the loop every stage runs.
 
@@ -392,10 +392,11 @@ def fit(training: Training, state: RunState, batches, checkpointer, *, config, t
             tps = processed / dt
             mfu = hardware.mfu(flops_per_token, tps, jax.device_count())
             eta = (num_iterations - step) * (timed_s / timed_steps) if timed_steps else None
-            lrm = None if lr_multiplier is None else float(lr_multiplier(step - 1))
+            t = config.train  # the schedule the optimizer was built with (build_training)
+            lrm = float(optim.lr_multiplier(step - 1, num_iterations, t.warmup_ratio, t.warmdown_ratio, t.final_lr_frac))
             if lead and log_every_step:
                 print(f"step {step:05d}/{num_iterations} | loss {debiased:.4f}"
-                      f"{'' if lrm is None else f' | lrm {lrm:.3f}'} | {dt * 1000:.0f} ms (data {data_dt * 1000:.0f}) | "
+                      f" | lrm {lrm:.3f} | {dt * 1000:.0f} ms (data {data_dt * 1000:.0f}) | "
                       f"{tps:,.0f} tok/s | MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
                       f"ETA {'n/a' if eta is None else f'{eta / 60:.1f} min'}", flush=True)
             log = {"step": step, "loss": debiased, "raw_loss": loss, "lrm": lrm,
