@@ -131,8 +131,9 @@ class CausalSelfAttention(nnx.Module):
         self.c_v = Linear(cfg.dim, cfg.n_kv_head * hd, ("embed", "heads"), rngs=rngs)
         self.c_proj = Linear(cfg.n_head * hd, cfg.dim, ("heads", "embed"), rngs=rngs, zero_init=True)
 
-    def __call__(self, x, cos, sin, cache=None, positions=None, kv_len=None):
-        """Self-attention over the sequence; or, with `cache` = this layer's {"k", "v"} of shape
+    def __call__(self, x, cos, sin, cache=None, positions=None, kv_len=None, attend=None):
+        """Self-attention over the sequence (causal, or `attend(q, k, v)` after rotary and QK norm:
+        another mask, such as the CORE scorer's shared prefixes); or, with `cache` = this layer's {"k", "v"} of shape
         (B, S, Hkv, D), the new tokens' keys and values are written at their `positions` (B, T) and
         the queries attend to the cached positions up to their own, reading only the first `kv_len`
         slots (None: all S). Returns (out, cache) then. The write is a scatter into the layer's own
@@ -145,7 +146,7 @@ class CausalSelfAttention(nnx.Module):
         q = rms_norm(apply_rotary(q, cos, sin))
         k = rms_norm(apply_rotary(k, cos, sin))
         if cache is None:
-            y = attn_lib.attention(q, k, v, backend=cfg.attention, causal=True)
+            y = attn_lib.attention(q, k, v, backend=cfg.attention, causal=True) if attend is None else attend(q, k, v)
             return self.c_proj(y.reshape(batch, seq, cfg.n_head * cfg.head_dim))
         rows = jnp.arange(batch)[:, None]
         cache = {name: cache[name].at[rows, positions].set(new.astype(cache[name].dtype), unique_indices=True)
@@ -168,8 +169,8 @@ class Block(nnx.Module):
         self.attn = CausalSelfAttention(cfg, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin):
-        x = x + self.attn(rms_norm(x), cos, sin)
+    def __call__(self, x, cos, sin, attend=None):
+        x = x + self.attn(rms_norm(x), cos, sin, attend=attend)
         x = x + self.mlp(rms_norm(x))
         return constrain(x, ACT)
 
@@ -187,8 +188,9 @@ class GPT(nnx.Module):
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
         self.lm_head = Linear(cfg.dim, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, zero_init=True)
 
-    def hidden(self, idx, positions=None):
-        """Final normalised hidden states (B, T, dim) in the compute dtype."""
+    def hidden(self, idx, positions=None, attend=None):
+        """Final normalised hidden states (B, T, dim) in the compute dtype. `positions`: (T,) or per
+        row (B, T); `attend`: see CausalSelfAttention."""
         cfg = self.cfg
         if positions is None:
             positions = jnp.arange(idx.shape[1])
@@ -197,10 +199,10 @@ class GPT(nnx.Module):
         policy = REMAT_POLICIES[cfg.remat]
         for block in self.blocks:
             if policy is None:
-                x = block(x, cos, sin)
+                x = block(x, cos, sin, attend)
             else:
                 graphdef, state = nnx.split(block)
-                run = jax.checkpoint(lambda s, h: nnx.merge(graphdef, s)(h, cos, sin), policy=policy)
+                run = jax.checkpoint(lambda s, h: nnx.merge(graphdef, s)(h, cos, sin, attend), policy=policy)
                 x = run(state, x)
         return rms_norm(x)
 
@@ -219,12 +221,15 @@ class GPT(nnx.Module):
             new_cache.append(layer_cache)
         if logits_at is not None:
             x = x[jnp.arange(x.shape[0]), logits_at]
-        logits = softcap_logits(self.lm_head(rms_norm(x)), cfg.softcap)
-        return logits, new_cache
+        return self.logits(rms_norm(x)), new_cache
+
+    def logits(self, h):
+        """Softcapped fp32 logits of final hidden states."""
+        return softcap_logits(self.lm_head(h), self.cfg.softcap)
 
     def __call__(self, idx, positions=None):
         """Softcapped fp32 logits (B, T, vocab)."""
-        return softcap_logits(self.lm_head(self.hidden(idx, positions)), self.cfg.softcap)
+        return self.logits(self.hidden(idx, positions))
 
     def token_losses(self, idx, targets):
         """Per-token cross-entropy in nats (B, T); targets < 0 are ignored and give 0."""

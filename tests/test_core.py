@@ -1,7 +1,6 @@
 """CORE against a one-example-at-a-time transcription of nanochat's rules, on a hand-made bundle
 with the three task types; batching, padding and the mesh leave every outcome unchanged; the
 packaged subset is nanochat's crop of the shared bundle; the bundle download; the launchers."""
-import functools
 import io
 import json
 import random
@@ -219,6 +218,7 @@ def test_batching_padding_and_the_mesh_leave_outcomes_unchanged(hand_bundle, tok
         mesh, kwargs = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1}), {"tokens_per_device": 128}
     elif variant == "heavy padding":  # every row, shared prefix and suffix padded far past its end
         monkeypatch.setattr(core_lib, "bucket_length", lambda n: 700)
+        monkeypatch.setattr(core_lib, "prefix_bucket_length", lambda n: 704)
         monkeypatch.setattr(core_lib, "suffix_bucket_length", lambda n: 300)
     outcomes, losses = evaluate(hand_bundle, tokenizer, model, mesh, **kwargs)
     for label, (expected, row_losses, *_) in reference.items():
@@ -270,11 +270,13 @@ def test_row_scorer_span_rules(model):
     wrong = row[:6] + [(row[6] + 1) % 512] + row[7:]
     logits = ref_logits(params64, np.array([wrong]), CFG)[0]
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    score = functools.partial(core_lib.score_rows, graphdef=graphdef, mesh=one_device(), rules=tuple(RULES.items()))
     tokens = np.ones((3, 16), np.int32)
     tokens[0, :len(row)], tokens[1, :len(wrong)], tokens[2, :len(wrong)] = row, wrong, wrong
-    mean_loss, all_correct = score(params, jnp.asarray(tokens), jnp.array([[4, 9], [4, 9], [6, 8]]))
-    assert np.asarray(all_correct).tolist() == [True, False, False]
+    scores = core_lib.score_rows(params, jnp.asarray(tokens), graphdef=graphdef, mesh=one_device(),
+                                 rules=tuple(RULES.items()))
+    dispatched = core_lib.Dispatched([0, 1, 2], [0, 1, 2], [3, 3, 5], [8, 8, 7], scores)  # spans [4, 9), [6, 8)
+    mean_loss, all_correct = core_lib.read_scores([dispatched], 3)
+    assert all_correct.tolist() == [True, False, False]
     expected = -np.mean([logp[5, wrong[6]], logp[6, wrong[7]]])  # span [6, 8): positions 5 and 6 predict it
     assert float(mean_loss[2]) == pytest.approx(expected, rel=1e-5)
 

@@ -11,13 +11,14 @@ span token. Accuracy is centred by the task's random baseline rb (%): (acc - rb/
 and CORE is the mean of the centred scores over the tasks evaluated (partial if any is missing).
 
 nanochat runs one example per forward pass, each row whole (kept here as `one_example_per_forward`,
-the baseline). Here the rows of many examples share a pass, and the rows of one example share their
-common token prefix (the few-shot examples and the question), which runs once: a prefix pass fills
-a KV cache per example, then each row's suffix (from the token before its span on) runs against a
-copy of its example's cache. Prefixes and suffixes are right-padded with <|bos|> to length buckets
-and each (prefix, suffix) bucket has fixed example and row counts, split over the mesh's batch
-axes, so it compiles once. Attention is causal and a suffix overwrites its prefix's padding in the
-cache, so padding never reaches a span. Prompts are not cropped to the training context (rotary
+the baseline). Here many examples share a pass, a row each: the rows of one example share their
+common token prefix (the few-shot examples and the question), which runs once, followed by every
+row's own suffix (from the token before its span on), as shared_prefix.py lays out and masks.
+Prefixes are right-padded with <|bos|> to length buckets, an example's suffixes together to one
+length per task, and each prefix bucket has a fixed example count, split over the mesh's batch
+axes, so that it compiles once.
+Padding is never attended to by a real token, and the mean losses and hits over spans are taken
+on the host from per-token scores. Prompts are not cropped to the training context (rotary
 tables come from positions).
 
 Every forward pass is a collective over the mesh, and its shape and count come from a task's rows:
@@ -34,15 +35,12 @@ import random
 import time
 from collections.abc import Callable, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nanochat_jax import model as model_lib, sharding
+from nanochat_jax import sharding
 from nanochat_jax.evals.bundle import Bundle, Task, resolve_bundle
 from nanochat_jax.evals.processes import gather_json
+from nanochat_jax.evals.shared_prefix import BLOCK, score_rows, score_shared_rows
 
 CORE_TASKS = (  # nanochat's 22, in its report's order
     "hellaswag_zeroshot", "jeopardy", "bigbench_qa_wikidata", "arc_easy", "arc_challenge", "copa",
@@ -206,8 +204,15 @@ def bucket_length(n: int) -> int:
     return power * 3 // 4 if power >= 256 and n <= power * 3 // 4 else power
 
 
+def prefix_bucket_length(n: int) -> int:
+    """The padded length of a shared prefix of n tokens: a multiple of 64 up to 512, then four steps
+    an octave (640, 768, 896, 1024, 1280, ...): at most 1.25x n, and a few shapes per task."""
+    step = BLOCK if n <= 8 * BLOCK else 1 << ((n - 1).bit_length() - 3)
+    return max(BLOCK, -(-n // step) * step)
+
+
 def suffix_bucket_length(n: int) -> int:
-    """The padded length of a suffix of n tokens: a power of two, at least 16."""
+    """The padded length of an example's suffixes together (n tokens): a power of two, at least 16."""
     return max(16, 1 << (n - 1).bit_length())
 
 
@@ -239,81 +244,55 @@ def plan_one_example_forwards(prepared: PreparedTask, shards: int) -> list[Forwa
 
 @dataclasses.dataclass(frozen=True)
 class SharedForward:
-    """Many examples per pass: their shared prefixes (padded to prefix_length) run once, then every
-    row's suffix (padded to suffix_length) attends to its own example's cached prefix."""
+    """Many examples per pass, a row each: its shared prefix padded to prefix_length, then all its
+    rows' suffixes, padded to suffix_length together (see shared_prefix.py)."""
     prefix_length: int
-    suffix_length: int
-    num_examples: int     # fixed per (prefix_length, suffix_length, task width): real, then padding
-    num_rows: int
+    suffix_length: int    # one per task
+    num_examples: int     # fixed per prefix_length: real, then padding
     example_ids: list[int]
 
 
 def plan_shared_forwards(prepared: PreparedTask, prefix_lengths: list[int], shards: int,
                          tokens_per_device: int) -> list[SharedForward]:
-    """Examples grouped by (prefix bucket, suffix bucket), `tokens_per_device` worth of prefix and
-    suffix per batch shard in each pass (at least one example); room for the task's widest example's
-    rows per example slot."""
+    """Examples grouped by prefix bucket, `tokens_per_device` worth of rows per batch shard in each
+    pass (at least one example). One suffix region fits the task's longest suffix group: suffixes
+    are short, and every distinct (prefix, suffix) shape costs a compilation (~2.5 s on 2 cores)."""
     ends = prepared.first_row[1:] + [len(prepared.rows)]
-    width = max(e - f for f, e in zip(prepared.first_row, ends))
+    suffix = suffix_bucket_length(max(sum(len(row) - prefix for row in prepared.rows[first:end])
+                                      for first, end, prefix in zip(prepared.first_row, ends, prefix_lengths)))
     groups = collections.defaultdict(list)
-    for example, (first, end, prefix) in enumerate(zip(prepared.first_row, ends, prefix_lengths)):
-        suffix = max(len(row) for row in prepared.rows[first:end]) - prefix
-        groups[bucket_length(prefix), suffix_bucket_length(suffix)].append(example)
+    for example, prefix in enumerate(prefix_lengths):
+        groups[prefix_bucket_length(prefix)].append(example)
     forwards = []
-    for (prefix, suffix), examples in sorted(groups.items()):
+    for prefix, examples in sorted(groups.items()):
         num_examples = shards * max(1, tokens_per_device // (prefix + suffix))
-        forwards += [SharedForward(prefix, suffix, num_examples, num_examples * width, examples[i:i + num_examples])
+        forwards += [SharedForward(prefix, suffix, num_examples, examples[i:i + num_examples])
                      for i in range(0, len(examples), num_examples)]
     return forwards
 
 
-def span_scores(logits, tokens, spans):
-    """Per row: the mean loss over its span [s, e) of `tokens` and whether the argmax predicts every
-    span token. Position p predicts token p + 1, so the span is scored at positions s - 1 .. e - 2."""
-    targets = jnp.roll(tokens, -1, axis=1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    losses = jax.nn.logsumexp(logits, axis=-1) - picked
-    hits = jnp.argmax(logits, axis=-1) == targets
-    positions = jnp.arange(tokens.shape[1])[None]
-    in_span = (positions >= spans[:, :1] - 1) & (positions < spans[:, 1:] - 1)
-    mean_loss = jnp.sum(jnp.where(in_span, losses, 0.0), axis=1) / jnp.sum(in_span, axis=1)
-    return mean_loss, jnp.all(hits | ~in_span, axis=1)
+@dataclasses.dataclass
+class Dispatched:
+    """A pass in flight: where each of its rows' scored positions sit in the (rows, length) scores
+    it returns (position p scores token p + 1)."""
+    row_ids: list[int]
+    slots: list[int]
+    first: list[int]      # each row's first scored position; its last is end - 1
+    end: list[int]
+    scores: tuple         # (token losses, argmax hits), device arrays until read
 
 
-def replicated(mesh, *arrays):
-    """The scores replicated, so that every process can read them."""
-    return tuple(jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P())) for a in arrays)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "rules"))
-def score_rows(params, tokens, spans, *, graphdef, mesh, rules):
-    """Scores of whole rows (R, L) with answer spans (R, 2): (mean span loss, all span tokens
-    predicted), replicated. `rules` is a hashable tuple of (name, axes) pairs; being static,
-    evaluators of one model share compilations."""
-    with sharding.activation_rules(mesh, dict(rules)):
-        logits = nnx.merge(graphdef, params)(tokens)
-    return replicated(mesh, *span_scores(logits, tokens, spans))
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "rules"))
-def score_suffixes(params, prefixes, row_example, row_start, suffixes, spans, *, graphdef, mesh, rules):
-    """Scores of rows that share prefixes. `prefixes` (E, Lp): each example's shared tokens,
-    right-padded; they run once and fill a KV cache (E, Lp + Ls). Row r continues example
-    `row_example[r]` with `suffixes[r]` (R, Ls) from position `row_start[r]` (its example's prefix
-    length) on a copy of that example's cache: its keys and values overwrite the prefix's padding,
-    and a query sees only slots up to its own position, so no padding is ever attended to. `spans`
-    (R, 2) are the answer spans within the suffixes. Returns (mean span loss, all span tokens
-    predicted) per row, replicated."""
-    with sharding.activation_rules(mesh, dict(rules)):
-        model = nnx.merge(graphdef, params)
-        (num_examples, prefix_len), suffix_len = prefixes.shape, suffixes.shape[1]
-        cache = model_lib.empty_cache(model.cfg, num_examples, prefix_len + suffix_len)
-        positions = jnp.broadcast_to(jnp.arange(prefix_len), prefixes.shape)
-        _, cache = model.decode(prefixes, cache, positions, logits_at=jnp.zeros(num_examples, jnp.int32))
-        cache = [{name: jnp.take(buffer, row_example, axis=0) for name, buffer in layer.items()} for layer in cache]
-        positions = row_start[:, None] + jnp.arange(suffix_len)[None]
-        logits, _ = model.decode(suffixes, cache, positions)
-    return replicated(mesh, *span_scores(logits, suffixes, spans))
+def read_scores(dispatched: list[Dispatched], num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean loss over each row's span, whether every span token was predicted) from the passes'
+    per-token scores; each pass ran on the device while the next one was built."""
+    mean_loss = np.zeros(num_rows, np.float32)
+    all_correct = np.zeros(num_rows, bool)
+    for d in dispatched:
+        losses, hits = (np.asarray(a) for a in d.scores)
+        for row_id, slot, first, end in zip(d.row_ids, d.slots, d.first, d.end):
+            mean_loss[row_id] = losses[slot, first:end].mean(dtype=np.float64)
+            all_correct[row_id] = hits[slot, first:end].all()
+    return mean_loss, all_correct
 
 
 # ---- results -----------------------------------------------------------------------------------
@@ -377,8 +356,8 @@ class CoreEvaluator:
     """CORE of a model over a bundle. Prompts are rendered and tokenized once (on first use) and
     reused by every call, e.g. the periodic runs during training.
 
-    tokens_per_device: the padded prefix and suffix tokens of the examples each batch shard holds per
-    pass (bounds memory; each of an example's rows then holds a copy of its prefix's KV cache).
+    tokens_per_device: the padded tokens of the example rows each batch shard holds per pass (bounds
+    memory).
     one_example_per_forward: nanochat's batching (one example's options per forward), for comparison.
     """
 
@@ -389,7 +368,7 @@ class CoreEvaluator:
         self.one_example = one_example_per_forward
         static = {"graphdef": graphdef, "mesh": mesh, "rules": tuple(sorted(rules.items()))}
         self.score = functools.partial(score_rows, **static)
-        self.score_shared = functools.partial(score_suffixes, **static)
+        self.score_shared = functools.partial(score_shared_rows, **static)
         self.shards = sharding.batch_shards(mesh, rules)
         self._prepared = None
 
@@ -418,41 +397,45 @@ class CoreEvaluator:
             prefix_lengths = shared_prefix_lengths(prepared)
             dispatched = [self.dispatch_shared(params, prepared, prefix_lengths, fwd)
                           for fwd in plan_shared_forwards(prepared, prefix_lengths, self.shards, self.tokens_per_device)]
-        mean_loss = np.zeros(len(prepared.rows), np.float32)
-        all_correct = np.zeros(len(prepared.rows), bool)
-        for row_ids, (loss, correct) in dispatched:  # each pass ran while the next was built
-            mean_loss[row_ids] = np.asarray(loss)[:len(row_ids)]
-            all_correct[row_ids] = np.asarray(correct)[:len(row_ids)]
-        return mean_loss, all_correct
+        return read_scores(dispatched, len(prepared.rows))
 
-    def dispatch_rows(self, params, prepared: PreparedTask, fwd: Forward):
+    def dispatch_rows(self, params, prepared: PreparedTask, fwd: Forward) -> Dispatched:
         tokens = np.full((fwd.num_rows, fwd.length), self.tokenizer.bos_id, np.int32)
-        spans = np.tile(np.array([[1, 2]], np.int32), (fwd.num_rows, 1))  # padding rows: any valid span
         for slot, row_id in enumerate(fwd.row_ids):
-            row = prepared.rows[row_id]
-            tokens[slot, :len(row)] = row
-            spans[slot] = prepared.spans[row_id]
-        return fwd.row_ids, self.score(params, *self.place(tokens, spans))
+            tokens[slot, :len(prepared.rows[row_id])] = prepared.rows[row_id]
+        starts, ends = prepared.spans[fwd.row_ids].T
+        return Dispatched(fwd.row_ids, list(range(len(fwd.row_ids))), (starts - 1).tolist(), (ends - 1).tolist(),
+                          self.score(params, *self.place(tokens)))
 
-    def dispatch_shared(self, params, prepared: PreparedTask, prefix_lengths: list[int], fwd: SharedForward):
-        bos = self.tokenizer.bos_id
-        prefixes = np.full((fwd.num_examples, fwd.prefix_length), bos, np.int32)
-        suffixes = np.full((fwd.num_rows, fwd.suffix_length), bos, np.int32)
-        row_example = np.zeros(fwd.num_rows, np.int32)  # padding rows: example slot 0 from position 0
-        row_start = np.zeros(fwd.num_rows, np.int32)
-        spans = np.tile(np.array([[1, 2]], np.int32), (fwd.num_rows, 1))
+    def dispatch_shared(self, params, prepared: PreparedTask, prefix_lengths: list[int],
+                        fwd: SharedForward) -> Dispatched:
+        """Rows [prefix | suffixes] (see shared_prefix.py): each suffix continues its prefix's positions."""
+        length, region = fwd.prefix_length + fwd.suffix_length, fwd.prefix_length
+        tokens = np.full((fwd.num_examples, length), self.tokenizer.bos_id, np.int32)
+        positions = np.zeros((fwd.num_examples, length), np.int32)
+        positions[:, :region] = np.arange(region)
+        prefixes = np.zeros(fwd.num_examples, np.int32)
+        segments = np.full((fwd.num_examples, fwd.suffix_length), -1, np.int32)
         ends = prepared.first_row[1:] + [len(prepared.rows)]
-        row_ids = []
+        d = Dispatched([], [], [], [], ())
         for slot, example in enumerate(fwd.example_ids):
             first, end, prefix = prepared.first_row[example], ends[example], prefix_lengths[example]
-            prefixes[slot, :prefix] = prepared.rows[first][:prefix]
-            for row_id in range(first, end):
-                row, i = prepared.rows[row_id], len(row_ids)
-                suffixes[i, :len(row) - prefix] = row[prefix:]
-                row_example[i], row_start[i] = slot, prefix
-                spans[i] = prepared.spans[row_id] - prefix
-                row_ids.append(row_id)
-        return row_ids, self.score_shared(params, *self.place(prefixes, row_example, row_start, suffixes, spans))
+            tokens[slot, :prefix] = prepared.rows[first][:prefix]
+            prefixes[slot], offset = prefix, 0
+            for segment, row_id in enumerate(range(first, end)):
+                suffix = prepared.rows[row_id][prefix:]
+                at = region + offset
+                tokens[slot, at:at + len(suffix)] = suffix
+                positions[slot, at:at + len(suffix)] = np.arange(prefix, prefix + len(suffix))
+                segments[slot, offset:offset + len(suffix)] = segment
+                span_start, span_end = prepared.spans[row_id] - prefix + offset
+                d.row_ids.append(row_id)
+                d.slots.append(slot)
+                d.first.append(int(span_start) - 1)
+                d.end.append(int(span_end) - 1)
+                offset += len(suffix)
+        d.scores = self.score_shared(params, *self.place(tokens, positions, prefixes, segments))
+        return d
 
     def place(self, *arrays):
         """Each array's first dim split over the mesh's batch axes."""
