@@ -259,6 +259,16 @@ def test_shared_prefix_leaves_each_span_and_its_predecessor_to_the_suffix():
         assert core_lib.shared_prefix_lengths(prepared) == [expected], rows
 
 
+def test_suffix_regions_take_two_lengths_a_task():
+    """Examples up to the 90th percentile pad their suffixes to its bucket, the longer ones to the
+    longest's; a uniform task gets one length."""
+    suffixes = [5] * 8 + [17, 300]
+    assert core_lib.suffix_region_lengths(suffixes) == [32] * 9 + [512]
+    assert core_lib.suffix_region_lengths([40] * 3) == [64] * 3
+    assert [core_lib.prefix_bucket_length(n) for n in (0, 1, 64, 65, 512, 513, 640, 641, 1025, 3000)] == \
+        [64, 64, 64, 128, 512, 640, 640, 768, 1280, 3072]
+
+
 def test_row_scorer_span_rules(model):
     """On token rows built from the model's own greedy choices: a span of greedy tokens is all
     correct, one changed token makes it wrong, and the mean loss is over the span's targets only."""

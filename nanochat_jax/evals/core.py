@@ -15,8 +15,8 @@ the baseline). Here many examples share a pass, a row each: the rows of one exam
 common token prefix (the few-shot examples and the question), which runs once, followed by every
 row's own suffix (from the token before its span on), as shared_prefix.py lays out and masks.
 Prefixes are right-padded with <|bos|> to length buckets, an example's suffixes together to one
-length per task, and each prefix bucket has a fixed example count, split over the mesh's batch
-axes, so that it compiles once.
+of two lengths per task, and each (prefix, suffix) bucket has a fixed example count, split over
+the mesh's batch axes, so that it compiles once.
 Padding is never attended to by a real token, and the mean losses and hits over spans are taken
 on the host from per-token scores. Prompts are not cropped to the training context (rotary
 tables come from positions).
@@ -247,24 +247,33 @@ class SharedForward:
     """Many examples per pass, a row each: its shared prefix padded to prefix_length, then all its
     rows' suffixes, padded to suffix_length together (see shared_prefix.py)."""
     prefix_length: int
-    suffix_length: int    # one per task
-    num_examples: int     # fixed per prefix_length: real, then padding
+    suffix_length: int
+    num_examples: int     # fixed per (prefix_length, suffix_length): real, then padding
     example_ids: list[int]
+
+
+def suffix_region_lengths(suffixes: list[int]) -> list[int]:
+    """Per example, the padded length of its suffixes together (`suffixes` tokens): the bucket of
+    the task's 90th percentile, or of its longest for the examples above it. Two lengths a task:
+    every distinct (prefix, suffix) shape costs a compilation (~2.5 s on 2 cores), and a few long
+    option lists (piqa's) would otherwise pad every example's suffixes to theirs."""
+    short = suffix_bucket_length(sorted(suffixes)[(len(suffixes) - 1) * 9 // 10])
+    long = suffix_bucket_length(max(suffixes))
+    return [short if n <= short else long for n in suffixes]
 
 
 def plan_shared_forwards(prepared: PreparedTask, prefix_lengths: list[int], shards: int,
                          tokens_per_device: int) -> list[SharedForward]:
-    """Examples grouped by prefix bucket, `tokens_per_device` worth of rows per batch shard in each
-    pass (at least one example). One suffix region fits the task's longest suffix group: suffixes
-    are short, and every distinct (prefix, suffix) shape costs a compilation (~2.5 s on 2 cores)."""
+    """Examples grouped by (prefix bucket, suffix region length), `tokens_per_device` worth of rows
+    per batch shard in each pass (at least one example)."""
     ends = prepared.first_row[1:] + [len(prepared.rows)]
-    suffix = suffix_bucket_length(max(sum(len(row) - prefix for row in prepared.rows[first:end])
-                                      for first, end, prefix in zip(prepared.first_row, ends, prefix_lengths)))
+    suffixes = [sum(len(row) - prefix for row in prepared.rows[first:end])
+                for first, end, prefix in zip(prepared.first_row, ends, prefix_lengths)]
     groups = collections.defaultdict(list)
-    for example, prefix in enumerate(prefix_lengths):
-        groups[prefix_bucket_length(prefix)].append(example)
+    for example, (prefix, suffix) in enumerate(zip(prefix_lengths, suffix_region_lengths(suffixes))):
+        groups[prefix_bucket_length(prefix), suffix].append(example)
     forwards = []
-    for prefix, examples in sorted(groups.items()):
+    for (prefix, suffix), examples in sorted(groups.items()):
         num_examples = shards * max(1, tokens_per_device // (prefix + suffix))
         forwards += [SharedForward(prefix, suffix, num_examples, examples[i:i + num_examples])
                      for i in range(0, len(examples), num_examples)]
