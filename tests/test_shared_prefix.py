@@ -8,7 +8,7 @@ from flax import nnx
 
 from configs.base import base_config
 from nanochat_jax import model as model_lib, sharding
-from nanochat_jax.attention import block_causal_attention
+from nanochat_jax.attention import block_causal, heads_first, tokens_first
 from nanochat_jax.evals import shared_prefix
 from nanochat_jax.model import GPTConfig
 
@@ -35,13 +35,13 @@ def qkv(batch, seq, heads=4, kv_heads=2, head_dim=8, seed=0):
 
 
 @pytest.mark.parametrize("num_blocks", [1, 3, 8])
-def test_block_causal_attention_is_causal_attention(num_blocks):
+def test_block_causal_is_causal_attention(num_blocks):
     q, k, v = qkv(2, 24)
     causal = np.broadcast_to(np.tril(np.ones((24, 24), bool)), (2, 24, 24))
-    np.testing.assert_allclose(block_causal_attention(q, k, v, num_blocks), ref_attention(q, k, v, causal),
-                               rtol=1e-5, atol=1e-5)
+    out = tokens_first(block_causal(*heads_first(q, k, v), num_blocks), q.dtype)
+    np.testing.assert_allclose(out, ref_attention(q, k, v, causal), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="multiple of 5 blocks"):
-        block_causal_attention(q, k, v, 5)
+        block_causal(*heads_first(q, k, v), 5)
 
 
 def test_shared_prefix_attention_sees_the_real_prefix_and_its_own_suffix():
