@@ -135,9 +135,8 @@ class CausalSelfAttention(nnx.Module):
         """Self-attention over the sequence (causal, or `attend(q, k, v)` after rotary and QK norm:
         another mask, such as the CORE scorer's shared prefixes); or, with `cache` = this layer's
         {"k", "v"} of shape (B, S, Hkv, D), the new tokens' keys and values are written at their
-        `positions` (B, T) and
-        the queries attend to the cached positions up to their own, reading only the first `kv_len`
-        slots (None: all S). Returns (out, cache) then. The write is a scatter into the layer's own
+        `positions` (B, T) and the queries attend to the cached positions up to their own, reading
+        only the first `kv_len` slots (None: all S). Returns (out, cache) then. The write is a scatter into the layer's own
         buffer, which XLA does in place when the cache is donated; in one (layers, ...) array it
         copied the whole cache at every step."""
         cfg, (batch, seq, _) = self.cfg, x.shape
